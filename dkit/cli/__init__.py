@@ -1,0 +1,33 @@
+"""The ``dkit`` command: a thin skin over the library. Each command parses, calls one library
+function, and prints; ``DkitError`` becomes a message and an exit code in ``common.App``."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from .common import App, out
+from .keys import keygen, keys_app
+
+app = App(help="Disguise image datasets with a secret key, train on the disguise, measure the privacy.")
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"dkit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    """dkit: keygen, disguise, train, predict, and measure how private it is."""
+
+
+app.command("keygen")(keygen)
+app.add_typer(keys_app, name="keys")
+
+
+def main() -> None:
+    app()

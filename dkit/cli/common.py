@@ -1,0 +1,84 @@
+"""What every command shares: the error mapping, output, the key store and passphrases."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from ..errors import EXIT_ACTION, DkitError, PassphraseError
+from ..keystore import Keystore
+from ..keystore.backends import ENV_PASSPHRASE
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class App(typer.Typer):
+    """A Typer app whose commands map ``DkitError`` to a message and its exit code, in one place."""
+
+    def __init__(self, **kw):
+        kw.setdefault("pretty_exceptions_show_locals", False)  # locals could hold key material
+        kw.setdefault("no_args_is_help", True)
+        kw.setdefault("add_completion", False)
+        super().__init__(**kw)
+
+    def command(self, *args, **kw):
+        register = super().command(*args, **kw)
+
+        def decorator(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def wrapped(*a, **k):
+                try:
+                    return fn(*a, **k)
+                except DkitError as e:
+                    fail(e)
+
+            return register(wrapped)
+
+        return decorator
+
+
+def fail(e: DkitError) -> None:
+    err.print(f"[bold red]error:[/] {escape(e.message)}")
+    if e.hint:
+        err.print(f"[dim]hint:[/] {escape(e.hint)}")
+    raise typer.Exit(e.exit_code)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
+
+
+def print_json(obj: Any) -> None:
+    """JSON to stdout, exactly one document, no markup."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def open_keystore() -> Keystore:
+    """The key store of ``$DKIT_HOME`` with the backend of ``$DKIT_KEYSTORE`` (tests may replace this)."""
+    return Keystore(passphrase=lambda: ask_passphrase(new=False, what="the file store"))
+
+
+def ask_passphrase(*, new: bool, what: str) -> str:
+    """``$DKIT_PASSPHRASE``, else a hidden prompt (twice for a new one). Never from argv."""
+    env = os.environ.get(ENV_PASSPHRASE)
+    if env:
+        return env
+    try:
+        return typer.prompt(f"Passphrase for {what}", hide_input=True, confirmation_prompt=new)
+    except (typer.Abort, EOFError):
+        raise PassphraseError(
+            f"no passphrase for {what}", hint=f"set {ENV_PASSPHRASE} or run in a terminal to be prompted"
+        ) from None
+
+
+__all__ = ["EXIT_ACTION", "App", "ask_passphrase", "err", "escape", "fail", "open_keystore", "out", "print_json"]

@@ -1,0 +1,438 @@
+"""The key store: named keys with numbered versions, a primary, and Tink's status machine.
+
+    keygen -> version 1 (enabled, primary)
+    rotate -> version n+1 (enabled, primary); older versions stay enabled for old models
+    promote NAME@V  (enabled only)      disable NAME@V (never the primary)
+    enable NAME@V   (disabled only)     destroy NAME@V (never the primary; secret deleted, record kept)
+
+Every change holds a file lock on the dkit home, so concurrent dkit processes serialise, and
+every change and every use of a key version is appended to the hash-chained audit log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock, Timeout
+
+from ..derive import KeyMaterial, derive, key_id
+from ..errors import (
+    DkitError,
+    KeyExists,
+    KeyNotFound,
+    KeyStateError,
+    ParameterError,
+    SecretBackendError,
+    StoreCorrupt,
+)
+from ..home import default_home, ensure_home
+from ..params import KeyParams
+from ..secret import Seed
+from . import audit, backup
+from .backends import open_backend
+from .records import (
+    STORE_NAME,
+    KeyRecord,
+    StoreState,
+    VersionRecord,
+    check_name,
+    fmt_time,
+    load_state,
+    parse_ref,
+    parse_time,
+    save_state,
+    utcnow,
+)
+
+LOCK_NAME = ".lock"
+LOCK_TIMEOUT_S = 60
+
+
+def parse_age(text: str) -> timedelta:
+    """``90d``, ``12w``, ``36h`` -> a timedelta."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([dhw])\s*", str(text))
+    if not m:
+        raise ParameterError(f"malformed age {text!r}: expected a number and a unit, such as 90d, 12w or 36h")
+    n, unit = int(m.group(1)), m.group(2)
+    return {"d": timedelta(days=n), "w": timedelta(weeks=n), "h": timedelta(hours=n)}[unit]
+
+
+@dataclass(frozen=True, repr=False)
+class LoadedKey:
+    """A usable key version: its public record and its derived material."""
+
+    name: str
+    record: VersionRecord
+    material: KeyMaterial
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.record.version}"
+
+    @property
+    def version(self) -> int:
+        return self.record.version
+
+    @property
+    def key_id(self) -> str:
+        return self.record.key_id
+
+    @property
+    def params(self) -> KeyParams:
+        return self.record.params
+
+    def __repr__(self) -> str:
+        return f"LoadedKey({self.ref}, key_id={self.key_id})"
+
+    def __reduce__(self):
+        raise TypeError("a loaded key cannot be pickled; load it in each process instead")
+
+
+@dataclass
+class AuditReport:
+    versions: list[dict] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)
+    lines: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "log_lines": self.lines, "versions": self.versions, "findings": self.findings}
+
+
+class Keystore:
+    """The key store of one dkit home. Cheap to create; the secret backend opens on first need."""
+
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        *,
+        backend=None,
+        backend_kind: str | None = None,
+        passphrase: Callable[[], str | None] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.home = Path(home) if home is not None else default_home()
+        self._backend = backend
+        self._backend_kind = backend_kind
+        self._passphrase = passphrase
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"Keystore({str(self.home)!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = open_backend(self._backend_kind, self.home, self._passphrase)
+        return self._backend
+
+    @property
+    def _store_path(self) -> Path:
+        return self.home / STORE_NAME
+
+    @property
+    def _log_path(self) -> Path:
+        return self.home / audit.LOG_NAME
+
+    def _now(self) -> str:
+        return fmt_time(self._clock())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[StoreState]:
+        """Hold the home's lock, yield the state, and save it if the block finishes."""
+        ensure_home(self.home)
+        lock = FileLock(str(self.home / LOCK_NAME), timeout=LOCK_TIMEOUT_S, mode=0o600)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise SecretBackendError(
+                f"{self.home}: another dkit process holds the key store lock for over {LOCK_TIMEOUT_S}s"
+            ) from None
+        try:
+            state = load_state(self._store_path)
+            yield state
+            save_state(self._store_path, state)
+        finally:
+            lock.release()
+
+    def _state(self) -> StoreState:
+        return load_state(self._store_path)
+
+    def _log(self, state: StoreState, event: str, name: str, v: VersionRecord | None, **data) -> None:
+        fields = {"time": self._now(), "event": event, "key": name}
+        if v is not None:
+            fields.update(version=v.version, key_id=v.key_id)
+        if data:
+            fields["data"] = data
+        state.audit_head = audit.append(self._log_path, state.audit_head, fields)
+
+    def _label(self, state: StoreState, name: str, version: int) -> str:
+        return f"{state.store_id}/{name}@{version}"
+
+    def _check_store(self, v: VersionRecord, name: str) -> None:
+        if v.secret_store != self.backend.name:
+            raise SecretBackendError(
+                f"the secret of {name}@{v.version} is kept in the {v.secret_store} store, "
+                f"but this dkit is using the {self.backend.name} store",
+                hint=f"set DKIT_KEYSTORE={v.secret_store}",
+            )
+
+    def _new_version(self, state: StoreState, name: str, number: int, params: KeyParams) -> VersionRecord:
+        seed = Seed.generate()
+        self.backend.set(self._label(state, name, number), seed)
+        now = self._now()
+        return VersionRecord(
+            version=number, status="enabled", created=now, key_id=key_id(seed, params),
+            params=params, secret_store=self.backend.name, changed=now,
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+    def list(self) -> list[KeyRecord]:
+        return [r for _, r in sorted(self._state().keys.items())]
+
+    def get(self, name: str) -> KeyRecord:
+        return self._state().get(check_name(name))
+
+    def resolve(self, ref: str) -> tuple[KeyRecord, VersionRecord]:
+        name, number = parse_ref(ref)
+        rec = self.get(name)
+        return rec, rec.version(number)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def keygen(self, name: str, params: KeyParams) -> KeyRecord:
+        check_name(name)
+        params.validate()
+        with self._locked() as state:
+            if name in state.keys:
+                raise KeyExists(f"a key named {name!r} exists already", hint="use dkit keys rotate to add a version")
+            v = self._new_version(state, name, 1, params)
+            rec = KeyRecord(name=name, created=v.created, primary=1, versions=(v,))
+            state.keys[name] = rec
+            self._log(state, "keygen", name, v, params=params.to_dict())
+        return rec
+
+    def rotate(self, name: str) -> VersionRecord:
+        with self._locked() as state:
+            rec = state.get(check_name(name))
+            v = self._new_version(state, name, rec.latest + 1, rec.version(None).params)
+            state.keys[name] = KeyRecord(rec.name, rec.created, v.version, rec.versions + (v,))
+            self._log(state, "rotate", name, v)
+        return v
+
+    def _set_status(self, ref: str, event: str, change) -> VersionRecord:
+        name, number = parse_ref(ref)
+        if number is None:
+            raise ParameterError(f"{event} needs an explicit version: {name}@VERSION")
+        with self._locked() as state:
+            rec = state.get(name)
+            old = rec.version(number)
+            new_rec, new_v = change(state, rec, old)
+            if new_rec is not rec:
+                state.keys[name] = new_rec
+                self._log(state, event, name, new_v)
+        return new_v
+
+    def promote(self, ref: str) -> VersionRecord:
+        def change(state, rec, v):
+            if v.status != "enabled":
+                raise KeyStateError(f"{rec.name}@{v.version} is {v.status}; only an enabled version can be primary")
+            if rec.primary == v.version:
+                return rec, v
+            return KeyRecord(rec.name, rec.created, v.version, rec.versions), v
+        return self._set_status(ref, "promote", change)
+
+    def disable(self, ref: str) -> VersionRecord:
+        def change(state, rec, v):
+            if rec.primary == v.version:
+                raise KeyStateError(
+                    f"{rec.name}@{v.version} is the primary version and cannot be disabled",
+                    hint="promote another version first (dkit keys promote NAME@V), or rotate",
+                )
+            if v.status == "destroyed":
+                raise KeyStateError(f"{rec.name}@{v.version} is destroyed")
+            if v.status == "disabled":
+                return rec, v
+            nv = _with_status(v, "disabled", self._now())
+            return rec.with_version(nv), nv
+        return self._set_status(ref, "disable", change)
+
+    def enable(self, ref: str) -> VersionRecord:
+        def change(state, rec, v):
+            if v.status == "destroyed":
+                raise KeyStateError(
+                    f"{rec.name}@{v.version} is destroyed and its secret is gone",
+                    hint="restore it from a backup with dkit keys import FILE",
+                )
+            if v.status == "enabled":
+                return rec, v
+            nv = _with_status(v, "enabled", self._now())
+            return rec.with_version(nv), nv
+        return self._set_status(ref, "enable", change)
+
+    def destroy(self, ref: str) -> VersionRecord:
+        def change(state, rec, v):
+            if rec.primary == v.version:
+                raise KeyStateError(
+                    f"{rec.name}@{v.version} is the primary version and cannot be destroyed",
+                    hint="rotate or promote another version first",
+                )
+            if v.status == "destroyed":
+                return rec, v
+            self._check_store(v, rec.name)
+            self.backend.delete(self._label(state, rec.name, v.version))
+            nv = _with_status(v, "destroyed", self._now())
+            return rec.with_version(nv), nv
+        return self._set_status(ref, "destroy", change)
+
+    # -- use --------------------------------------------------------------------------------
+    def load(self, ref: str, *, use: str | None = None, **details) -> LoadedKey:
+        """The derived material of an enabled version; records the use in the audit log if ``use``."""
+        name, number = parse_ref(ref)
+        state = self._state()
+        rec = state.get(name)
+        v = rec.version(number)
+        if v.status != "enabled":
+            hint = (f"enable it with dkit keys enable {name}@{v.version}" if v.status == "disabled"
+                    else "its secret is gone; restore it from a backup with dkit keys import FILE")
+            raise KeyStateError(f"key {name}@{v.version} is {v.status} and cannot be used", hint=hint)
+        self._check_store(v, name)
+        seed = self.backend.get(self._label(state, name, v.version))
+        if seed is None:
+            raise SecretBackendError(
+                f"the secret of {name}@{v.version} is missing from the {self.backend.name} store",
+                hint="restore it from a backup with dkit keys import FILE",
+            )
+        material = derive(seed, v.params)
+        if material.key_id != v.key_id:
+            raise StoreCorrupt(f"the secret of {name}@{v.version} does not match its recorded key ID")
+        if use:
+            with self._locked() as locked:
+                primary = locked.get(name).primary == v.version
+                self._log(locked, "use", name, v, action=use, primary=primary, **details)
+        return LoadedKey(name=name, record=v, material=material)
+
+    # -- backup -----------------------------------------------------------------------------
+    def export(self, name: str, path: str | Path, passphrase: str) -> KeyRecord:
+        with self._locked() as state:
+            rec = state.get(check_name(name))
+            seeds: dict[int, Seed] = {}
+            for v in rec.versions:
+                if v.status == "destroyed":
+                    continue
+                self._check_store(v, name)
+                seed = self.backend.get(self._label(state, name, v.version))
+                if seed is None:
+                    raise SecretBackendError(f"the secret of {name}@{v.version} is missing; cannot export it")
+                seeds[v.version] = seed
+            backup.write(Path(path), rec, seeds, passphrase)
+            self._log(state, "export", name, None, versions=sorted(seeds))
+        return rec
+
+    def import_(self, path: str | Path, passphrase: str, *, name: str | None = None) -> KeyRecord:
+        record, seeds = backup.read(Path(path), passphrase)
+        target = check_name(name) if name else record.name
+        with self._locked() as state:
+            local = state.keys.get(target)
+            if local is not None:
+                for v in record.versions:
+                    mine = next((m for m in local.versions if m.version == v.version), None)
+                    if mine is not None and mine.key_id != v.key_id:
+                        raise KeyExists(
+                            f"a different key named {target!r} exists here (version {v.version} differs)",
+                            hint="import under another name with --name NEW",
+                        )
+            restored = []
+            merged = local or KeyRecord(target, record.created, record.primary, ())
+            for v in record.versions:
+                mine = next((m for m in merged.versions if m.version == v.version), None)
+                status = (mine or v).status
+                if status != "destroyed" and v.version in seeds:
+                    self.backend.set(self._label(state, target, v.version), seeds[v.version])
+                    restored.append(v.version)
+                if mine is None or mine.secret_store != self.backend.name and status != "destroyed":
+                    nv = VersionRecord(v.version, status, v.created, v.key_id, v.params,
+                                       self.backend.name, (mine or v).changed)
+                    merged = merged.with_version(nv)
+            state.keys[target] = merged
+            self._log(state, "import", target, None, versions=restored)
+        return merged
+
+    # -- audit ------------------------------------------------------------------------------
+    def audit(self, max_age: timedelta | None = None) -> AuditReport:
+        report = AuditReport()
+        with self._locked() as state:
+            entries, problems = audit.read(self._log_path, state.audit_head)
+        report.lines = len(entries)
+        for p in problems:
+            report.findings.append({"kind": "chain", "line": p.line,
+                                    "message": f"{audit.LOG_NAME} line {p.line}: {p.problem}"})
+        now = self._clock()
+        uses: dict[tuple[str, int], list[tuple[int, dict]]] = {}
+        for line, e in enumerate(entries, start=1):
+            if e.get("event") == "use" and isinstance(e.get("version"), int):
+                uses.setdefault((e.get("key"), e["version"]), []).append((e.get("n", line), e))
+        for name, rec in sorted(state.keys.items()):
+            for v in rec.versions:
+                age = now - parse_time(v.created)
+                vuses = uses.get((name, v.version), [])
+                report.versions.append({
+                    "key": name, "version": v.version, "status": v.status,
+                    "primary": rec.primary == v.version, "created": v.created,
+                    "age_days": round(age.total_seconds() / 86400, 2), "key_id": v.key_id,
+                    "uses": len(vuses),
+                    "use_actions": sorted({u.get("data", {}).get("action", "?") for _, u in vuses}),
+                })
+                ref = f"{name}@{v.version}"
+                if max_age is not None and v.status == "enabled" and age > max_age:
+                    report.findings.append({
+                        "kind": "age", "key": name, "version": v.version,
+                        "message": f"{ref} is {age.days} days old, older than the policy's {max_age.days} days"
+                        + (" (rotate the key)" if rec.primary == v.version else " (disable or destroy it)"),
+                    })
+                if v.status != "destroyed":
+                    try:
+                        missing = v.secret_store == self.backend.name and self.backend.get(
+                            self._label(state, name, v.version)) is None
+                        other = v.secret_store != self.backend.name
+                    except DkitError as e:
+                        missing, other = False, False
+                        report.findings.append({"kind": "secret-store", "key": name, "version": v.version,
+                                                "message": f"{ref}: cannot check its secret ({e.message})"})
+                    if missing:
+                        report.findings.append({"kind": "missing-secret", "key": name, "version": v.version,
+                                                "message": f"{ref} is {v.status} but its secret is missing "
+                                                f"from the {self.backend.name} store"})
+                    if other:
+                        report.findings.append({"kind": "secret-store", "key": name, "version": v.version,
+                                                "message": f"{ref}: its secret is in the {v.secret_store} store, "
+                                                f"not checked with DKIT_KEYSTORE={self.backend.name}"})
+                for n, u in vuses:
+                    action = u.get("data", {}).get("action")
+                    if action != "disguise":
+                        continue
+                    if v.status != "enabled":
+                        report.findings.append({
+                            "kind": "disabled-artifact", "key": name, "version": v.version, "line": n,
+                            "message": f"{audit.LOG_NAME} line {n}: data disguised with {ref}, which is now "
+                            f"{v.status}; models trained on it cannot predict",
+                        })
+                    elif not u.get("data", {}).get("primary", True):
+                        report.findings.append({
+                            "kind": "non-primary-artifact", "key": name, "version": v.version, "line": n,
+                            "message": f"{audit.LOG_NAME} line {n}: data disguised with {ref}, which was not "
+                            "the primary version at the time",
+                        })
+        return report
+
+
+def _with_status(v: VersionRecord, status: str, now: str) -> VersionRecord:
+    return VersionRecord(v.version, status, v.created, v.key_id, v.params, v.secret_store, now)
