@@ -29,5 +29,16 @@ app.command("keygen")(keygen)
 app.add_typer(keys_app, name="keys")
 
 
+@app.command("demo")
+def demo(json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON.")):
+    """Run the main job end to end on the shipped sample data, in a throw-away home."""
+    from .. import demo as demo_mod
+    from .common import err, print_json
+
+    figures = demo_mod.run(err if json_out else out)
+    if json_out:
+        print_json(figures)
+
+
 def main() -> None:
     app()

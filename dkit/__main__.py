@@ -1,0 +1,3 @@
+from dkit.cli import main
+
+main()

@@ -1,0 +1,368 @@
+"""The key store's state machine, backups, audit log and failure modes (in-memory and file stores)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import stat
+from datetime import timedelta
+
+import pytest
+
+from dkit.errors import (
+    BackupError,
+    KeyExists,
+    KeyNotFound,
+    KeyStateError,
+    ParameterError,
+    PassphraseError,
+    SecretBackendError,
+    StoreCorrupt,
+)
+from dkit.keystore import FileBackend, KeyringBackend, Keystore, MemoryBackend, parse_age
+from dkit.keystore import backup as backup_mod
+from dkit.keystore.records import utcnow
+from dkit.params import KeyParams
+
+P = KeyParams.create("32x32x3", 4, "perm,rmt")
+PHRASE = "correct horse battery"
+
+
+def snapshot(home):
+    return {p.name: p.read_bytes() for p in sorted(home.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def test_tink_state_machine(keystore, memory_backend):
+    keystore.keygen("k", P)
+    v2 = keystore.rotate("k")
+    assert v2.version == 2 and keystore.get("k").primary == 2
+    assert keystore.load("k").version == 2
+    assert keystore.load("k@1").version == 1  # old versions stay usable
+    with pytest.raises(KeyStateError, match="primary version and cannot be disabled"):
+        keystore.disable("k@2")
+    with pytest.raises(KeyStateError, match="primary version and cannot be destroyed"):
+        keystore.destroy("k@2")
+    keystore.disable("k@1")
+    with pytest.raises(KeyStateError, match="k@1 is disabled"):
+        keystore.load("k@1")
+    with pytest.raises(KeyStateError, match="only an enabled version"):
+        keystore.promote("k@1")
+    keystore.enable("k@1")
+    keystore.promote("k@1")
+    assert keystore.get("k").primary == 1
+    keystore.promote("k@2")
+    keystore.destroy("k@1")
+    rec = keystore.get("k")
+    assert rec.version(1).status == "destroyed" and rec.version(1).key_id  # tombstone keeps the record
+    assert all(not label.endswith("k@1") for label in memory_backend._items)
+    with pytest.raises(KeyStateError, match="destroyed"):
+        keystore.load("k@1")
+    with pytest.raises(KeyStateError, match="destroyed"):
+        keystore.enable("k@1")
+    with pytest.raises(ParameterError, match="explicit version"):
+        keystore.disable("k")
+
+
+def test_unknown_keys_and_versions(keystore):
+    keystore.keygen("k", P)
+    with pytest.raises(KeyNotFound, match="no key named 'nope'"):
+        keystore.load("nope")
+    with pytest.raises(KeyNotFound, match="has no version 7"):
+        keystore.load("k@7")
+    with pytest.raises(ParameterError):
+        keystore.load("k@zero")
+    with pytest.raises(KeyExists):
+        keystore.keygen("k", P)
+    with pytest.raises(ParameterError, match="invalid key name"):
+        keystore.keygen("../evil", P)
+
+
+def test_files_are_private(keystore, isolated_home):
+    keystore.keygen("k", P)
+    for p in isolated_home.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert stat.S_IMODE(isolated_home.stat().st_mode) == 0o700
+
+
+def test_export_import_round_trip(keystore, tmp_path):
+    keystore.keygen("k", P)
+    keystore.rotate("k")
+    keystore.rotate("k")
+    keystore.destroy("k@1")
+    before = {v: keystore.load(f"k@{v}").material for v in (2, 3)}
+    keystore.export("k", tmp_path / "k.backup", PHRASE)
+    other = Keystore(tmp_path / "other-home", backend=MemoryBackend())
+    rec = other.import_(tmp_path / "k.backup", PHRASE)
+    assert [v.status for v in rec.versions] == ["destroyed", "enabled", "enabled"] and rec.primary == 3
+    for v, m in before.items():
+        got = other.load(f"k@{v}").material
+        assert got.key_id == m.key_id and (got.perm == m.perm).all() and (got.matrices == m.matrices).all()
+    # Importing again restores a lost secret of the same key, and a different key of that name is refused.
+    other.backend._items.clear()
+    other.import_(tmp_path / "k.backup", PHRASE)
+    assert other.load("k@2").key_id == before[2].key_id
+    third = Keystore(tmp_path / "third", backend=MemoryBackend())
+    third.keygen("k", P)
+    with pytest.raises(KeyExists, match="different key named 'k'"):
+        third.import_(tmp_path / "k.backup", PHRASE)
+    third.import_(tmp_path / "k.backup", PHRASE, name="k-restored")
+    assert third.load("k-restored@3").key_id == before[3].key_id
+
+
+@pytest.fixture
+def backup_file(keystore, tmp_path):
+    keystore.keygen("k", P)
+    path = tmp_path / "k.backup"
+    keystore.export("k", path, PHRASE)
+    return path
+
+
+def test_import_wrong_passphrase(backup_file, tmp_path):
+    other = Keystore(tmp_path / "o", backend=MemoryBackend())
+    with pytest.raises(PassphraseError, match="wrong passphrase"):
+        other.import_(backup_file, "not the passphrase")
+    assert not (tmp_path / "o" / "keys.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-ciphertext", "edit-name", "edit-created", "not-json", "empty"])
+def test_import_damaged_backup(backup_file, tmp_path, damage):
+    raw = backup_file.read_bytes()
+    doc = json.loads(raw)
+    if damage == "truncate":
+        backup_file.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip-ciphertext":
+        ct = bytearray(backup_mod.sealed.b64d(doc["payload"]["ct"]))
+        ct[10] ^= 1
+        doc["payload"]["ct"] = backup_mod.sealed.b64e(bytes(ct))
+        backup_file.write_text(json.dumps(doc))
+    elif damage == "edit-name":
+        doc["name"] = "other"
+        backup_file.write_text(json.dumps(doc))
+    elif damage == "edit-created":
+        doc["created"] = "2020-01-01T00:00:00Z"
+        backup_file.write_text(json.dumps(doc))
+    elif damage == "not-json":
+        backup_file.write_bytes(b"\x00\x01garbage")
+    else:
+        backup_file.write_bytes(b"")
+    other = Keystore(tmp_path / "o", backend=MemoryBackend())
+    with pytest.raises(BackupError) as e:
+        other.import_(backup_file, PHRASE)
+    assert str(backup_file) in str(e.value)
+    assert not (tmp_path / "o" / "keys.json").exists()
+
+
+def test_import_checks_fingerprints(keystore, tmp_path):
+    rec = keystore.keygen("k", P)
+    v = rec.versions[0]
+    forged = rec.with_version(type(v)(v.version, v.status, v.created, "0" * 32, v.params, v.secret_store, v.changed))
+    from dkit.secret import Seed
+
+    backup_mod.write(tmp_path / "forged", forged, {1: Seed.generate()}, PHRASE)
+    with pytest.raises(BackupError, match="does not match its fingerprint"):
+        Keystore(tmp_path / "o", backend=MemoryBackend()).import_(tmp_path / "forged", PHRASE)
+
+
+def test_short_passphrase_refused(keystore, tmp_path):
+    keystore.keygen("k", P)
+    with pytest.raises(PassphraseError, match="at least 8"):
+        keystore.export("k", tmp_path / "b", "short")
+    assert not (tmp_path / "b").exists()
+
+
+def test_corrupt_record_store(keystore, isolated_home):
+    keystore.keygen("k", P)
+    store = isolated_home / "keys.json"
+    for content in [b"{not json", b'{"format": "something-else"}', b'{"format": "dkit-keystore", "version": 1}',
+                    b'{"format": "dkit-keystore", "version": 99}']:
+        store.write_bytes(content)
+        before = snapshot(isolated_home)
+        with pytest.raises(StoreCorrupt) as e:
+            keystore.rotate("k")
+        assert str(store) in str(e.value)
+        assert snapshot(isolated_home) == before  # nothing changed
+
+
+class RefusingKeyring:
+    """A keyring backend that refuses every write, as a locked collection does."""
+
+    priority = 1
+
+    def get_password(self, service, user):
+        return None
+
+    def set_password(self, service, user, password):
+        from keyring.errors import PasswordSetError
+
+        raise PasswordSetError("Failed to unlock the collection!")
+
+    def delete_password(self, service, user):
+        from keyring.errors import PasswordDeleteError
+
+        raise PasswordDeleteError("no")
+
+
+class DroppingKeyring(RefusingKeyring):
+    def set_password(self, service, user, password):
+        pass  # accepts and forgets, like keyring's null backend
+
+
+@pytest.mark.parametrize("kr,words", [(RefusingKeyring(), "refused to store"), (DroppingKeyring(), "did not keep it")])
+def test_keyring_that_refuses_changes_nothing(isolated_home, kr, words):
+    ks = Keystore(isolated_home, backend=KeyringBackend(kr))
+    with pytest.raises(SecretBackendError, match=words) as e:
+        ks.keygen("k", P)
+    assert "DKIT_KEYSTORE=file" in e.value.hint
+    assert not (isolated_home / "keys.json").exists() and not (isolated_home / "audit.jsonl").exists()
+
+
+def test_null_and_fail_keyrings_are_refused():
+    from keyring.backends import fail, null
+
+    for kr in (null.Keyring(), fail.Keyring()):
+        with pytest.raises(SecretBackendError, match="no usable OS keyring") as e:
+            KeyringBackend(kr)
+        assert "DKIT_KEYSTORE=file" in e.value.hint
+
+
+def test_file_store(isolated_home, monkeypatch):
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE)
+    ks.keygen("k", P)
+    m = ks.load("k").material
+    path = isolated_home / "secrets.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "dkit-file-store" and len(doc["entries"]) == 1
+    # A fresh process with the passphrase reads it back; a wrong passphrase is named as such.
+    assert Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE).load("k").key_id == m.key_id
+    with pytest.raises(PassphraseError, match="wrong passphrase for the file store"):
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda: "another passphrase").load("k")
+    with pytest.raises(PassphraseError, match="a passphrase is needed"):
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda: None).load("k")
+    # Swapping entries between labels is caught (the label is authenticated).
+    ks.rotate("k")
+    doc = json.loads(path.read_text())
+    (a, va), (b, vb) = sorted(doc["entries"].items())
+    doc["entries"][a], doc["entries"][b] = vb, va
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreCorrupt, match="damaged"):
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE).load("k@1")
+    # A key kept in the file store is not silently looked up elsewhere.
+    with pytest.raises(SecretBackendError, match="kept in the file store") as e:
+        Keystore(isolated_home, backend=MemoryBackend()).load("k@2")
+    assert e.value.hint == "set DKIT_KEYSTORE=file"
+
+
+def test_unknown_keystore_kind(isolated_home, monkeypatch):
+    monkeypatch.setenv("DKIT_KEYSTORE", "plaintext")
+    with pytest.raises(SecretBackendError, match="unknown key store 'plaintext'"):
+        Keystore(isolated_home).keygen("k", P)
+
+
+def test_parse_age():
+    assert parse_age("90d") == timedelta(days=90)
+    assert parse_age("2w") == timedelta(weeks=2)
+    assert parse_age("36h") == timedelta(hours=36)
+    with pytest.raises(ParameterError):
+        parse_age("ninety days")
+
+
+def test_audit_findings(isolated_home, memory_backend):
+    clock = [utcnow() - timedelta(days=200)]
+    ks = Keystore(isolated_home, backend=memory_backend, clock=lambda: clock[0])
+    ks.keygen("old", P)
+    ks.keygen("j", P)
+    ks.rotate("j")
+    ks.load("j@1", use="disguise", output="a.h5")  # made with a non-primary version
+    ks.keygen("k", P)
+    ks.load("k@1", use="disguise")
+    ks.rotate("k")
+    ks.load("k@2", use="disguise")
+    ks.load("k@2", use="predict")
+    ks.disable("k@1")  # data disguised with k@1 can no longer be used
+    clock[0] = utcnow()
+    report = ks.audit(max_age=timedelta(days=90))
+    found = sorted((f["kind"], f["key"], f["version"]) for f in report.findings)
+    assert found == [("age", "j", 1), ("age", "j", 2), ("age", "k", 2), ("age", "old", 1),
+                     ("disabled-artifact", "k", 1), ("non-primary-artifact", "j", 1)], report.findings
+    by = {(v["key"], v["version"]): v for v in report.versions}
+    assert by[("k", 2)]["uses"] == 2 and by[("k", 2)]["use_actions"] == ["disguise", "predict"]
+    assert ks.audit().findings and not any(f["kind"] == "age" for f in ks.audit().findings)
+    # A secret that vanished from the store is a finding.
+    memory_backend._items.clear()
+    assert {"missing-secret"} <= {f["kind"] for f in ks.audit().findings}
+
+
+def test_clean_audit(keystore):
+    keystore.keygen("k", P)
+    keystore.rotate("k")
+    keystore.load("k", use="disguise")
+    r = keystore.audit(max_age=timedelta(days=1))
+    assert r.ok and r.lines == 3
+
+
+@pytest.mark.parametrize("tamper", ["edit", "edit-and-rehash", "delete-middle", "cut-tail", "garble", "rehash-last"])
+def test_audit_chain_names_the_tampered_line(keystore, isolated_home, tamper):
+    from dkit.keystore.audit import entry_hash
+    from dkit.params import canonical_json
+
+    keystore.keygen("k", P)
+    for _ in range(4):
+        keystore.rotate("k")  # lines 1..5
+    log = isolated_home / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 5 and keystore.audit().ok
+    if tamper == "edit":
+        lines[2] = lines[2].replace(b'"rotate"', b'"keygen"')
+        expect = 3
+    elif tamper == "edit-and-rehash":
+        e = json.loads(lines[2])
+        e["time"] = "2020-01-01T00:00:00Z"
+        e["hash"] = entry_hash(e)
+        lines[2] = canonical_json(e) + b"\n"
+        expect = 4  # line 3 is self-consistent now, but line 4's link no longer matches
+    elif tamper == "delete-middle":
+        del lines[1]
+        expect = 2
+    elif tamper == "cut-tail":
+        del lines[4]
+        expect = 5
+    elif tamper == "garble":
+        lines[0] = b"garbage\n"
+        expect = 1
+    else:
+        e = json.loads(lines[4])
+        e["data"] = {"forged": True}
+        e["hash"] = entry_hash(e)
+        lines[4] = canonical_json(e) + b"\n"
+        expect = 5  # caught by the head recorded in keys.json
+    log.write_bytes(b"".join(lines))
+    report = keystore.audit()
+    chain = [f for f in report.findings if f["kind"] == "chain"]
+    assert chain and chain[0]["line"] == expect, chain
+    assert f"line {expect}" in chain[0]["message"]
+
+
+def _rotate_many(home, n):
+    ks = Keystore(home, backend_kind="file", passphrase=lambda: PHRASE)
+    for _ in range(n):
+        ks.rotate("k")
+
+
+def test_concurrent_processes_leave_a_consistent_store(isolated_home):
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE)
+    ks.keygen("k", P)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rotate_many, args=(isolated_home, 6)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rec = ks.get("k")
+    assert [v.version for v in rec.versions] == list(range(1, 14)) and rec.primary == 13
+    assert ks.audit().ok and ks.audit().lines == 13
+    keys = json.loads((isolated_home / "secrets.json").read_text())["entries"]
+    assert len(keys) == 13
+    assert len({ks.load(f"k@{v}").key_id for v in range(1, 14)}) == 13
