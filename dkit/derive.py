@@ -25,8 +25,8 @@ from .secret import Seed
 SPEC_VERSION = 1
 SALT = b"dkit/derive/v1"
 KEY_ID_BYTES = 16
-PROJECTION_MAX_COND = 1e4
-PROJECTION_MAX_TRIES = 64
+PROJECTION_COND_PER_SIDE = 20.0  # accept cond(G) <= 20 m; the median for Gaussian G is about 3.5 m
+PROJECTION_MAX_TRIES = 1000
 
 _TWO_POW_64 = 1 << 64
 _INV_2_53 = 2.0 ** -53
@@ -44,8 +44,8 @@ class Stream:
 
     __slots__ = ("_enc",)
 
-    def __init__(self, key: bytes):
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    def __init__(self, key: bytes, counter: bytes = bytes(16)):
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
 
     @classmethod
     def for_label(cls, seed: Seed, label: str) -> "Stream":
@@ -110,10 +110,10 @@ def orthogonal(stream: Stream, m: int) -> np.ndarray:
 
 
 def projection(stream: Stream, m: int) -> np.ndarray:
-    """A random full-rank m x m matrix: Gaussian / sqrt(m), redrawn from the same stream while cond > 1e4."""
+    """A random full-rank m x m matrix: Gaussian / sqrt(m), redrawn from the same stream while cond > 20 m."""
     for _ in range(PROJECTION_MAX_TRIES):
         g = stream.gaussian(m * m).reshape(m, m) / np.sqrt(m)
-        if np.linalg.cond(g) <= PROJECTION_MAX_COND:
+        if np.linalg.cond(g) <= PROJECTION_COND_PER_SIDE * m:
             return g
     raise RuntimeError("no well-conditioned projection matrix found")  # probability ~ 0
 

@@ -1,0 +1,86 @@
+"""The torch path: the same disguise on the tensor's device (CPU or CUDA).
+
+perm and RMT run as torch ops on the device: a batched matmul over block positions, the
+permutation as an index, the noise drawn from the same CSPRNG bytes as the numpy path (made on
+the CPU, moved to the device as 16-bit integers, scaled there). AES runs on the CPU through
+``cryptography`` (there is no AES in torch) and the result is moved back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .geometry import batch_shape, out_dtype
+from .randomness import RandomSource
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+def check_values_torch(x: torch.Tensor, what: str, need_bytes: bool) -> None:
+    from ..errors import InputError
+
+    if x.dtype == torch.uint8:
+        return
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise InputError(f"{what}: dtype {x.dtype} is not supported; use uint8 or float pixel values in 0..255")
+    if x.numel() == 0:
+        return
+    xf = x.float() if not x.dtype.is_floating_point else x
+    lo, hi = torch.aminmax(xf)
+    lo, hi = float(lo), float(hi)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or bool(torch.isnan(xf).any()):
+        raise InputError(f"{what}: the images contain NaN or infinite values")
+    if lo < 0 or hi > 255:
+        raise InputError(f"{what}: values must lie in 0..255, found {lo:g}..{hi:g}",
+                         hint="pass raw pixel values (not values scaled to 0..1 or normalised)")
+    if need_bytes and x.dtype.is_floating_point and not bool((x == torch.round(x)).all()):
+        raise InputError(f"{what}: aes encrypts bytes, so pixel values must be whole numbers")
+
+
+def _tensors(d, device: torch.device):
+    """Key material on ``device``, cached per device (float32 matrices in slot order, index)."""
+    cached = d._torch_cache.get(device)
+    if cached is None:
+        p = d.params
+        t = p.positions
+        src = d.material.perm if d.material.perm is not None else np.arange(t)
+        src_t = torch.as_tensor(np.asarray(src), dtype=torch.long, device=device)
+        mats = None
+        if d.rmt is not None:
+            mats = torch.as_tensor(np.ascontiguousarray(d.rmt.matrices[src], dtype=np.float32), device=device)
+        cached = (src_t, mats)
+        d._torch_cache[device] = cached
+    return cached
+
+
+def apply_torch(d, x: torch.Tensor, *, rng: RandomSource | None, start: int, dtype) -> torch.Tensor:
+    p = d.params
+    n, single = batch_shape(tuple(x.shape), p, "images")
+    check_values_torch(x, "images", need_bytes=d.aes is not None)
+    dt = _TORCH_DTYPES[out_dtype(dtype)]
+    h, w, c = p.shape
+    bh, bw = p.block
+    gh, gw = p.grid
+    t, dd = p.positions, p.block_size
+    x = x.reshape(n, h, w, c)
+    if d.aes is not None:
+        y = d.apply(x.detach().cpu().numpy(), dtype=dtype)
+        out = torch.from_numpy(y).to(x.device)
+        return out[0] if single else out
+    src, mats = _tensors(d, x.device)
+    xf = x.to(torch.float32)
+    # (n, gh, bh, gw, bw, c) -> (gh*gw, n, d): slot j holds the block of original position src[j].
+    blocks = xf.reshape(n, gh, bh, gw, bw, c).permute(1, 3, 0, 2, 4, 5).reshape(t, n, dd)
+    blocks = blocks.index_select(0, src) if d.material.perm is not None else blocks
+    if mats is not None:
+        blocks = torch.bmm(blocks, mats)
+    y = blocks.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, h, w, c)
+    if d.noise > 0:
+        rng = rng or RandomSource()
+        # Move the 16-bit draws as int16 (half the bytes of int32), then read them back as unsigned.
+        u = torch.from_numpy(d.noise_for(rng, start, n).view(np.int16)).to(x.device, non_blocking=True)
+        noise = (u.to(torch.int32) & 0xFFFF).to(torch.float32)
+        y = y + noise * (d.noise / 65536)
+    y = y.to(dt).contiguous()
+    return y[0] if single else y
