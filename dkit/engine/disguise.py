@@ -85,8 +85,13 @@ class Disguise:
         """The uint16 noise draws m of images start..start+n-1, (n, H, W, C); noise = N * m / 65536."""
         return self._noise_fn(rng, start)(0, n).reshape((n,) + self.params.shape)
 
-    def apply(self, x, *, rng: RandomSource | None = None, start: int = 0, dtype="float32"):
-        """Disguise a batch (N, H, W, C) or one image (H, W, C). numpy in, numpy out; torch in, torch out."""
+    def apply(self, x, *, rng: RandomSource | None = None, start: int = 0, dtype="float32", out=None):
+        """Disguise a batch (N, H, W, C) or one image (H, W, C). numpy in, numpy out; torch in, torch out.
+
+        ``start`` is the global index of the first image (it selects the per-image randomness).
+        ``out`` (numpy, optional) is a preallocated output of the right shape and dtype, for loops
+        that disguise chunk after chunk without touching fresh memory each time.
+        """
         if self.instahide is not None:
             raise InputError("instahide mixes a labelled set of images; use Disguise.encode")
         if _is_torch(x):
@@ -98,10 +103,14 @@ class Disguise:
         check_values_np(x, "images", need_bytes=self.aes is not None)
         dt = out_dtype(dtype)
         x = x.reshape((n,) + self.params.shape)
-        if self.aes is not None:
-            out = self._apply_aes(x, dt)
+        if out is not None:
+            if not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != dt:
+                raise InputError(f"out must be a numpy array of shape {x.shape} and dtype {dt}")
         else:
             out = np.empty(x.shape, dtype=dt)
+        if self.aes is not None:
+            self._apply_aes(x, out)
+        else:
             if self._plan is None:
                 self._plan = kernels_np.LinearPlan(
                     self.params, self.material.perm, self.rmt.matrices if self.rmt is not None else None)
@@ -110,7 +119,7 @@ class Disguise:
             self._plan.run(x, out, self._noise_fn(rng, start) if noisy else None, self.noise / NOISE_LEVELS)
         return out[0] if single else out
 
-    def _apply_aes(self, x: np.ndarray, dt) -> np.ndarray:
+    def _apply_aes(self, x: np.ndarray, out: np.ndarray) -> None:
         p = self.params
         t, d = p.positions, p.block_size
         if x.dtype != np.uint8:
@@ -127,10 +136,8 @@ class Disguise:
             for i in range(t):
                 enc[i] = aes_rows(blocks[i], self.aes.key_for(i))
         src = self.material.perm if self.material.perm is not None else np.arange(t)
-        out = np.empty(x.shape, dtype=dt)
         kernels_np.scatter(enc[src], kernels_np._positions(np.arange(t), gw),
                            out.reshape(n, gh, bh, gw, bw, p.shape[2]))
-        return out
 
     def reveal(self, y) -> np.ndarray:
         """The owner's inverse, float64. Exact for perm and AES (uint8 values), to ~1e-4 for orthogonal

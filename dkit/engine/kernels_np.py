@@ -9,6 +9,7 @@ numpy and BLAS release the GIL in these loops, so two cores do twice the work.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from ..params import KeyParams
 
 CHUNK_BYTES = 1 << 21  # float32 bytes of one chunk's blocks: fits in L2/L3 with its buffers
+SLAB_VALUES = 1 << 13  # at least this many values per block position, so small blocks amortise calls
 
 
 def _threads() -> int:
@@ -37,7 +39,7 @@ def _pool() -> ThreadPoolExecutor:
 
 def chunk_images(params: KeyParams) -> int:
     h, w, c = params.shape
-    return max(1, CHUNK_BYTES // (4 * h * w * c))
+    return max(1, CHUNK_BYTES // (4 * h * w * c), SLAB_VALUES // params.block_size)
 
 
 def _positions(order: np.ndarray, gw: int) -> list[tuple[int, int, int]]:
@@ -71,7 +73,7 @@ class LinearPlan:
         self.mats = None if mats is None else np.ascontiguousarray(mats[self.src], dtype=np.float32)
 
     def run(self, x: np.ndarray, out: np.ndarray, noise_fn=None, noise_scale: float = 0.0) -> None:
-        """Disguise ``x`` (N, H, W, C) into ``out`` (same shape, float). ``noise_fn(i0, n)`` gives uint16 noise."""
+        """Disguise ``x`` (N, H, W, C) into ``out`` (same shape, float). ``noise_fn(i0, n, buf)`` gives uint16 noise."""
         n_all = x.shape[0]
         step = chunk_images(self.params)
         starts = list(range(0, n_all, step))
@@ -91,21 +93,50 @@ class LinearPlan:
         gh, gw = p.grid
         n = i1 - i0
         x6 = x[i0:i1].reshape(n, gh, bh, gw, bw, c)
-        o6 = out[i0:i1].reshape(n, gh, bh, gw, bw, c)
+        o = out[i0:i1]
+        o6 = o.reshape(n, gh, bh, gw, bw, c)
+        noisy = noise_fn is not None and noise_scale
+        if noisy:
+            # The noise goes straight into the output; the blocks are then added onto it.
+            u = noise_fn(i0, n).reshape(n, h, w, c)
+            np.multiply(u, np.float32(noise_scale), out=o, casting="unsafe")
         if self.mats is None:
             # Pure permutation (or identity): one pass, converting as it copies.
             for (j, r, col), (_, rs, cs) in zip(self.natural_pos, self.gather_pos):
-                o6[:, r, :, col] = x6[:, rs, :, cs]
+                if noisy:
+                    np.add(o6[:, r, :, col], x6[:, rs, :, cs], out=o6[:, r, :, col], casting="unsafe")
+                else:
+                    o6[:, r, :, col] = x6[:, rs, :, cs]
+            return
+        t, d = p.positions, p.block_size
+        ws = _workspace((t, n, d))
+        gather(x6, self.gather_pos, ws.a)
+        np.matmul(ws.a, self.mats, out=ws.b)
+        if noisy:
+            for j, r, col in self.natural_pos:
+                view = o6[:, r, :, col]
+                np.add(view, ws.b[j].reshape(n, bh, bw, c), out=view, casting="unsafe")
         else:
-            t, d = p.positions, p.block_size
-            buf = np.empty((t, n, d), dtype=np.float32)
-            gather(x6, self.gather_pos, buf)
-            z = np.matmul(buf, self.mats, out=buf if False else None)
-            scatter(z, self.natural_pos, o6)
-        if noise_fn is not None and noise_scale:
-            u = noise_fn(i0, n).reshape(n, h, w, c)
-            np.add(out[i0:i1], np.multiply(u, np.float32(noise_scale), dtype=np.float32), out=out[i0:i1],
-                   casting="unsafe")
+            scatter(ws.b, self.natural_pos, o6)
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers, reused from chunk to chunk (fresh memory is slow to touch)."""
+
+    shape = None
+    a = b = None
+
+
+_WS = _Workspace()
+
+
+def _workspace(shape) -> _Workspace:
+    ws = _WS
+    if ws.shape != shape:
+        ws.a = np.empty(shape, dtype=np.float32)
+        ws.b = np.empty(shape, dtype=np.float32)
+        ws.shape = shape
+    return ws
 
 
 def invert_linear(y: np.ndarray, params: KeyParams, perm: np.ndarray | None, inv_mats: np.ndarray | None,

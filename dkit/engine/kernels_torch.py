@@ -23,7 +23,7 @@ def check_values_torch(x: torch.Tensor, what: str, need_bytes: bool) -> None:
     if x.dtype == torch.uint8:
         return
     if x.dtype == torch.bool or x.dtype.is_complex:
-        raise InputError(f"{what}: dtype {x.dtype} is not supported; use uint8 or float pixel values in 0..255")
+        raise InputError(f"{what}: dtype {str(x.dtype).replace('torch.', '')} is not supported; use uint8 or float pixel values in 0..255")
     if x.numel() == 0:
         return
     xf = x.float() if not x.dtype.is_floating_point else x
@@ -45,7 +45,7 @@ def _tensors(d, device: torch.device):
         p = d.params
         t = p.positions
         src = d.material.perm if d.material.perm is not None else np.arange(t)
-        src_t = torch.as_tensor(np.asarray(src), dtype=torch.long, device=device)
+        src_t = torch.tensor(np.array(src), dtype=torch.long, device=device)
         mats = None
         if d.rmt is not None:
             mats = torch.as_tensor(np.ascontiguousarray(d.rmt.matrices[src], dtype=np.float32), device=device)

@@ -1,0 +1,289 @@
+"""The disguise engine: properties over shapes and blocks, the papers' invariants, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dkit.derive import derive
+from dkit.engine import Disguise, RandomSource
+from dkit.errors import InputError
+from dkit.params import KeyParams
+from dkit.secret import Seed
+
+PIPELINES = [("identity", {}), ("perm", {}), ("rmt", {"noise": 0}), ("perm,rmt", {"noise": 0}),
+             ("perm,rmt", {"noise": 25}), ("rmt", {"channels": "shared", "noise": 10}),
+             ("perm,rmt", {"rmt_kind": "projection", "noise": 0}), ("perm,aes", {}), ("aes", {"aes_keys": "shared"})]
+
+
+def make(shape, block, pipeline, seed=None, **kw) -> Disguise:
+    params = KeyParams.create(shape, block, pipeline, **kw)
+    return Disguise.from_key(derive(seed or Seed.generate(), params))
+
+
+@st.composite
+def geometries(draw, aes=False):
+    bh = draw(st.integers(1, 6))
+    bw = draw(st.integers(1, 6))
+    c = draw(st.sampled_from([1, 3]))
+    if aes and bh * bw * c < 16:
+        bh, bw = 4, 4
+    gh = draw(st.integers(1, 4))
+    gw = draw(st.integers(1, 4))
+    n = draw(st.integers(0, 5))
+    return (gh * bh, gw * bw, c), (bh, bw), n
+
+
+def images(rng, n, shape):
+    return rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(geo=geometries(), pipe=st.sampled_from(PIPELINES), seed=st.integers(0, 2**32 - 1))
+def test_batched_chunked_and_unbatched_agree_and_input_is_kept(geo, pipe, seed):
+    shape, block, n = geo
+    pipeline, kw = pipe
+    if "aes" in pipeline and block[0] * block[1] * shape[2] < 16:
+        block = (shape[0], shape[1]) if shape[0] * shape[1] * shape[2] >= 16 else None
+        if block is None:
+            return
+    d = make("x".join(map(str, shape)), "x".join(map(str, block)), pipeline, **kw)
+    x = images(np.random.default_rng(seed), n, shape)
+    x0 = x.copy()
+    y = d.apply(x, rng=RandomSource.fixed(seed))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert np.array_equal(x, x0)  # input never mutated
+    # BLAS may sum in another order for another batch size: equal to float32 rounding, not bit for bit.
+    close = dict(rtol=1e-6, atol=1e-4)
+    for i in range(n):  # one image at its global index equals its row in the batch
+        yi = d.apply(x[i], rng=RandomSource.fixed(seed), start=i)
+        assert yi.shape == shape
+        np.testing.assert_allclose(yi, y[i], **close)
+    k = n // 2  # chunked = one call
+    parts = [d.apply(x[:k], rng=RandomSource.fixed(seed)), d.apply(x[k:], rng=RandomSource.fixed(seed), start=k)]
+    np.testing.assert_allclose(np.concatenate(parts), y, **close)
+    np.testing.assert_array_equal(d.apply(x, rng=RandomSource.fixed(seed)), y)  # deterministic given randomness
+
+
+@settings(max_examples=40, deadline=None)
+@given(geo=geometries(), pipe=st.sampled_from(PIPELINES), seed=st.integers(0, 2**32 - 1))
+def test_fast_kernels_match_the_spec_and_torch_matches_numpy(geo, pipe, seed):
+    shape, block, n = geo
+    pipeline, kw = pipe
+    if "aes" in pipeline:
+        shape, block = (8, 8, 3), (4, 4)
+    d = make("x".join(map(str, shape)), "x".join(map(str, block)), pipeline, **kw)
+    x = images(np.random.default_rng(seed), n, shape)
+    y = d.apply(x, rng=RandomSource.fixed(seed))
+    ref = d.reference(x, d.noise_for(RandomSource.fixed(seed), 0, n))
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-3)
+    xt = torch.from_numpy(x.copy())
+    yt = d.apply(xt, rng=RandomSource.fixed(seed))
+    assert isinstance(yt, torch.Tensor) and yt.dtype == torch.float32 and yt.device == xt.device
+    assert torch.equal(xt, torch.from_numpy(x))
+    np.testing.assert_allclose(yt.numpy(), y, rtol=0, atol=2e-3)
+    # float inputs and float16 outputs agree too
+    np.testing.assert_allclose(d.apply(x.astype(np.float32), rng=RandomSource.fixed(seed)), y, rtol=0, atol=2e-3)
+    y16 = d.apply(x, rng=RandomSource.fixed(seed), dtype="float16")
+    assert y16.dtype == np.float16
+    np.testing.assert_allclose(y16.astype(np.float32), y, rtol=2e-3, atol=0.15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(geo=geometries(), seed=st.integers(0, 2**32 - 1))
+def test_reveal_round_trips(geo, seed):
+    shape, block, n = geo
+    s = "x".join(map(str, shape))
+    b = "x".join(map(str, block))
+    x = images(np.random.default_rng(seed), n, shape)
+    for pipeline, kw, tol in [("perm", {}, 0), ("identity", {}, 0), ("perm,rmt", {"noise": 0}, 1e-4),
+                              ("rmt", {"noise": 0, "channels": "shared"}, 1e-4)]:
+        d = make(s, b, pipeline, **kw)
+        np.testing.assert_allclose(d.reveal(d.apply(x)), x, rtol=0, atol=tol * 255)
+    if shape[0] * shape[1] * shape[2] >= 16:  # aes needs 16-byte blocks: the drawn block, or the whole image
+        aes_block = b if block[0] * block[1] * shape[2] >= 16 else f"{shape[0]}x{shape[1]}"
+        d = make(s, aes_block, "perm,aes")
+        np.testing.assert_array_equal(d.reveal(d.apply(x)), x)
+
+
+def test_reveal_with_noise_is_an_unbiased_estimate():
+    d = make("32x32x3", 4, "perm,rmt", noise=25)
+    x = images(np.random.default_rng(0), 200, (32, 32, 3))
+    err = d.reveal(d.apply(x)) - x
+    assert abs(err.mean()) < 0.1  # unbiased
+    assert abs(err.std() - 25 / np.sqrt(12)) < 0.2  # orthogonal R keeps the noise's RMS
+    p = make("32x32x3", 4, "perm,rmt", rmt_kind="projection", noise=0)
+    np.testing.assert_allclose(p.reveal(p.apply(x)), x, rtol=0, atol=0.05)
+
+
+def test_empty_batches():
+    for pipeline, kw in PIPELINES:
+        d = make("8x8x3", 4, pipeline, **kw)
+        y = d.apply(np.zeros((0, 8, 8, 3), np.uint8))
+        assert y.shape == (0, 8, 8, 3)
+        assert d.reveal(y).shape == (0, 8, 8, 3)
+        assert d.apply(torch.zeros((0, 8, 8, 3), dtype=torch.uint8)).shape == (0, 8, 8, 3)
+
+
+def test_permutation_only_rearranges_blocks():
+    d = make("32x32x3", 4, "perm")
+    x = images(np.random.default_rng(1), 3, (32, 32, 3))
+    y = d.apply(x)
+    xb = x.reshape(3, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(3, 64, 48)
+    yb = y.reshape(3, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(3, 64, 48)
+    perm = d.material.perm
+    assert sorted(perm.tolist()) == list(range(64)) and not np.array_equal(perm, np.arange(64))
+    np.testing.assert_array_equal(yb, xb[:, perm])
+    for i in range(3):  # the same multiset of blocks
+        assert sorted(map(bytes, xb[i])) == sorted(map(bytes, yb[i].astype(np.uint8)))
+
+
+@pytest.mark.parametrize("channels", ["joint", "shared"])
+def test_orthogonal_rmt_without_noise_keeps_block_norms(channels):
+    d = make("32x32x3", 4, "rmt", channels=channels, noise=0)
+    x = images(np.random.default_rng(2), 4, (32, 32, 3))
+    y = d.apply(x)
+    xb = x.astype(np.float64).reshape(4, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(4, 64, 48)
+    yb = y.astype(np.float64).reshape(4, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(4, 64, 48)
+    np.testing.assert_allclose(np.linalg.norm(yb, axis=2), np.linalg.norm(xb, axis=2), rtol=1e-5)
+    assert not np.allclose(yb, xb, atol=1)
+
+
+def test_shared_channels_is_the_papers_per_channel_right_multiplication():
+    d = make("8x8x3", 4, "rmt", channels="shared", noise=0)
+    x = images(np.random.default_rng(3), 1, (8, 8, 3))[0]
+    y = d.apply(x).astype(np.float64)
+    r = d.material.matrices  # (t, 4, 4)
+    for i in range(4):
+        br, bc = divmod(i, 2)
+        for ch in range(3):
+            xi = x[br * 4:(br + 1) * 4, bc * 4:(bc + 1) * 4, ch].astype(np.float64)
+            np.testing.assert_allclose(y[br * 4:(br + 1) * 4, bc * 4:(bc + 1) * 4, ch], xi @ r[i], atol=1e-3)
+
+
+@pytest.mark.parametrize("block,keys", [("4", "per-block"), ("4", "shared"), ("7", "per-block")])
+def test_aes_equal_blocks_give_equal_output_at_a_position(block, keys):
+    shape = "28x28" if block == "7" else "32x32x3"
+    d = make(shape, block, "aes", aes_keys=keys)
+    p = d.params
+    rng = np.random.default_rng(4)
+    x = images(rng, 3, p.shape)
+    x[1] = x[0]
+    x[2, : p.block[0], : p.block[1]] = x[0, : p.block[0], : p.block[1]]  # same first block only
+    y = d.apply(x)
+    bh, bw = p.block
+    assert np.array_equal(y[0], y[1])
+    assert np.array_equal(y[2, :bh, :bw], y[0, :bh, :bw])
+    assert not np.array_equal(y[2], y[0])
+    assert np.all(y == np.round(y)) and y.min() >= 0 and y.max() <= 255
+    # Equal plaintext at two positions: equal output only with one shared key.
+    z = np.zeros((1,) + p.shape, np.uint8)
+    yz = d.apply(z)
+    same = np.array_equal(yz[0, :bh, :bw], yz[0, :bh, bw:2 * bw])
+    assert same == (keys == "shared")
+
+
+def test_different_keys_and_randomness_differ():
+    x = images(np.random.default_rng(5), 2, (32, 32, 3))
+    for pipeline, kw in [("perm", {}), ("perm,rmt", {}), ("perm,aes", {})]:
+        a, b = make("32x32x3", 4, pipeline, **kw), make("32x32x3", 4, pipeline, **kw)
+        assert not np.array_equal(a.apply(x, rng=RandomSource.fixed(1)), b.apply(x, rng=RandomSource.fixed(1)))
+    d = make("32x32x3", 4, "perm,rmt", noise=25)
+    assert not np.array_equal(d.apply(x, rng=RandomSource.fixed(1)), d.apply(x, rng=RandomSource.fixed(2)))
+    assert not np.array_equal(d.apply(x), d.apply(x))  # fresh CSPRNG noise by default
+    y = d.apply(np.repeat(x[:1], 2, axis=0), rng=RandomSource.fixed(1))
+    assert not np.array_equal(y[0], y[1])  # and fresh per image
+
+
+@pytest.mark.parametrize("bad,words", [
+    (np.zeros((2, 32, 32, 1), np.uint8), "1 channels, but the key expects 3"),
+    (np.zeros((2, 28, 28, 3), np.uint8), "images of 28x28x3, but the key expects 32x32x3"),
+    (np.zeros((32, 32), np.uint8), "an array of shape"),
+    (np.full((1, 32, 32, 3), np.nan, np.float32), "NaN"),
+    (np.full((1, 32, 32, 3), 256.0, np.float32), "0..255"),
+    (np.full((1, 32, 32, 3), -1, np.int16), "0..255"),
+    (np.zeros((1, 32, 32, 3), bool), "dtype bool"),
+    (np.zeros((1, 32, 32, 3), np.complex64), "dtype complex64"),
+])
+def test_bad_input_is_refused_clearly(bad, words):
+    d = make("32x32x3", 4, "perm,rmt")
+    with pytest.raises(InputError, match=words):
+        d.apply(bad)
+    if bad.dtype != np.complex64:
+        with pytest.raises(InputError, match=words):
+            d.apply(torch.from_numpy(bad))
+
+
+def test_aes_needs_whole_numbers_and_dtype_option():
+    d = make("32x32x3", 4, "perm,aes")
+    with pytest.raises(InputError, match="whole numbers"):
+        d.apply(np.full((1, 32, 32, 3), 1.5, np.float32))
+    with pytest.raises(InputError, match="float32 .* or float16"):
+        d.apply(np.zeros((1, 32, 32, 3), np.uint8), dtype="float64")
+
+
+def test_disguise_does_not_print_or_pickle_key_material():
+    import pickle
+
+    seed = Seed.generate()
+    d = make("8x8x3", 4, "perm,aes", seed=seed)
+    text = repr(d) + repr(d.mechanisms) + repr(RandomSource())
+    assert d.material.aes[0].hex() not in text and seed.expose().hex() not in text
+    for obj in (d, d.aes, d.perm, RandomSource()):
+        with pytest.raises(TypeError):
+            pickle.dumps(obj)
+
+
+def test_instahide_encodings():
+    d = make("8x8x3", 4, "instahide", k=4, bound=0.65)
+    rng = np.random.default_rng(6)
+    x = images(rng, 10, (8, 8, 3))
+    y = rng.integers(0, 3, size=10)
+    enc, soft = d.encode(x, y, num_classes=3, encodings=2, rng=RandomSource.fixed(9))
+    assert enc.shape == (20, 8, 8, 3) and soft.shape == (20, 3)
+    assert np.abs(enc).max() <= 1.0 + 1e-6
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)  # inside: all k images are private
+    # Reproduce encoding 3 (image 1, second encoding) from its draws: the spec, step by step.
+    partners, lam, signs = d.instahide.draw(RandomSource.fixed(9), 3, 10, 8 * 8 * 3)
+    assert lam.max() <= 0.65 and abs(lam.sum() - 1) < 1e-12 and set(np.unique(signs)) <= {-1.0, 1.0}
+    scaled = x.astype(np.float64) / 127.5 - 1
+    want = signs.reshape(8, 8, 3) * (lam[0] * scaled[1] + sum(lam[j + 1] * scaled[p] for j, p in enumerate(partners)))
+    np.testing.assert_allclose(enc[3], want, atol=1e-5)
+    label = np.zeros(3)
+    label[y[1]] += lam[0]
+    for j, p in enumerate(partners):
+        label[y[p]] += lam[j + 1]
+    np.testing.assert_allclose(soft[3], label, atol=1e-6)
+    # Chunked encoding with the whole set as the pool equals one run.
+    a, sa = d.encode(x[:4], y[:4], num_classes=3, encodings=2, pool=x, pool_labels=y, rng=RandomSource.fixed(9))
+    b, sb = d.encode(x[4:], y[4:], num_classes=3, encodings=2, pool=x, pool_labels=y, rng=RandomSource.fixed(9), start=4)
+    np.testing.assert_allclose(np.concatenate([a, b]), enc, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([sa, sb]), soft, atol=1e-6)
+    with pytest.raises(InputError, match="not be inverted"):
+        d.reveal(enc)
+    with pytest.raises(InputError, match="Disguise.encode"):
+        d.apply(x)
+
+
+def test_instahide_cross_dataset_needs_public_images():
+    d = make("8x8x3", 4, "instahide", k=3, mix="cross")
+    rng = np.random.default_rng(7)
+    x, public = images(rng, 5, (8, 8, 3)), images(rng, 50, (8, 8, 3))
+    y = rng.integers(0, 4, size=5)
+    with pytest.raises(InputError, match="public image set"):
+        d.encode(x, y, num_classes=4)
+    enc, soft = d.encode(x, y, num_classes=4, pool=public)
+    assert enc.shape == (5, 8, 8, 3)
+    # Only the private image carries a label; its weight is its coefficient.
+    assert np.all((soft > 0).sum(1) == 1) and np.all(soft.max(1) < 1)
+
+
+def test_instahide_masks_differ_between_runs_by_default():
+    d = make("8x8x3", 4, "instahide")
+    x = images(np.random.default_rng(8), 6, (8, 8, 3))
+    a, _ = d.encode(x, np.zeros(6, int), num_classes=1)
+    b, _ = d.encode(x, np.zeros(6, int), num_classes=1)
+    assert not np.allclose(a, b)
