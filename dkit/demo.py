@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import SecretBackendError
-from .keystore import Keystore, KeyringBackend, MemoryBackend
+from .keystore import KeyringBackend, Keystore, MemoryBackend
 from .params import KeyParams
 
 
@@ -24,9 +24,11 @@ def _backend(console: Console):
         console.print(f"[dim]secrets: the OS keyring ({backend!r}); the demo removes its entries at the end[/]")
         return backend
     except SecretBackendError as e:
-        console.print(f"[yellow]no OS keyring here[/] ({e.message}).\n"
-                      "[dim]The demo keeps its keys in memory for this run only. For real keys, run a keyring "
-                      "or set DKIT_KEYSTORE=file (a passphrase-encrypted file).[/]")
+        console.print(
+            f"[yellow]no OS keyring here[/] ({e.message}).\n"
+            "[dim]The demo keeps its keys in memory for this run only. For real keys, run a keyring "
+            "or set DKIT_KEYSTORE=file (a passphrase-encrypted file).[/]"
+        )
         return MemoryBackend()
 
 

@@ -29,14 +29,12 @@ PROJECTION_COND_PER_SIDE = 20.0  # accept cond(G) <= 20 m; the median for Gaussi
 PROJECTION_MAX_TRIES = 1000
 
 _TWO_POW_64 = 1 << 64
-_INV_2_53 = 2.0 ** -53
+_INV_2_53 = 2.0**-53
 
 
 def subkey(seed: Seed, label: str) -> bytes:
     """HKDF-SHA256(IKM=seed, salt="dkit/derive/v1", info=label), 32 bytes."""
-    return HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=SALT, info=label.encode("ascii")
-    ).derive(seed.expose())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=SALT, info=label.encode("ascii")).derive(seed.expose())
 
 
 class Stream:
@@ -48,7 +46,7 @@ class Stream:
         self._enc = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
 
     @classmethod
-    def for_label(cls, seed: Seed, label: str) -> "Stream":
+    def for_label(cls, seed: Seed, label: str) -> Stream:
         return cls(subkey(seed, label))
 
     def __repr__(self) -> str:

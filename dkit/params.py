@@ -32,9 +32,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     """``"32x32x3"`` -> (32, 32, 3); ``"28x28"`` -> (28, 28, 1). Height first."""
     m = re.fullmatch(_INT + r"[xX]" + _INT + r"(?:[xX]" + _INT + r")?", str(text))
     if not m:
-        raise ParameterError(
-            f"malformed shape {text!r}: expected HxWxC such as 32x32x3 (or HxW for grey images)"
-        )
+        raise ParameterError(f"malformed shape {text!r}: expected HxWxC such as 32x32x3 (or HxW for grey images)")
     h, w = int(m.group(1)), int(m.group(2))
     c = int(m.group(3)) if m.group(3) else 1
     return _check_shape((h, w, c), text)
@@ -69,9 +67,7 @@ def parse_pipeline(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         raise ParameterError("empty pipeline: name at least one of " + ", ".join(MECHANISMS))
     unknown = [n for n in names if n not in MECHANISMS]
     if unknown:
-        raise ParameterError(
-            f"unknown mechanism {unknown[0]!r}: the mechanisms are " + ", ".join(MECHANISMS)
-        )
+        raise ParameterError(f"unknown mechanism {unknown[0]!r}: the mechanisms are " + ", ".join(MECHANISMS))
     if len(set(names)) != len(names):
         raise ParameterError(f"pipeline {','.join(names)!r} names a mechanism twice")
     s = set(names)
@@ -114,7 +110,7 @@ class KeyParams:
         k: int = 4,
         bound: float = 0.65,
         mix: str = "inside",
-    ) -> "KeyParams":
+    ) -> KeyParams:
         shape = parse_shape(shape) if isinstance(shape, str) else _check_shape(tuple(shape), shape)
         block = parse_block(block) if isinstance(block, (str, int)) else tuple(block)
         pipeline = parse_pipeline(pipeline)
@@ -177,13 +173,9 @@ class KeyParams:
             raise ParameterError(f"derivation spec version {self.spec} is not known to this dkit")
         if self.has("rmt"):
             if self.rmt_kind not in RMT_KINDS:
-                raise ParameterError(
-                    f"unknown rmt kind {self.rmt_kind!r}: choose " + " or ".join(RMT_KINDS)
-                )
+                raise ParameterError(f"unknown rmt kind {self.rmt_kind!r}: choose " + " or ".join(RMT_KINDS))
             if self.channels not in CHANNEL_MODES:
-                raise ParameterError(
-                    f"unknown channel mode {self.channels!r}: choose " + " or ".join(CHANNEL_MODES)
-                )
+                raise ParameterError(f"unknown channel mode {self.channels!r}: choose " + " or ".join(CHANNEL_MODES))
             side = self.matrix_side
             if self.positions * side * side > MAX_MATRIX_ENTRIES:
                 raise ParameterError(
@@ -207,9 +199,7 @@ class KeyParams:
             if not 1 <= self.k <= 16:
                 raise ParameterError(f"instahide k={self.k}: k is between 1 and 16")
             if not (1.0 / self.k < self.bound <= 1.0) and self.k > 1:
-                raise ParameterError(
-                    f"instahide bound {self.bound}: it must lie in (1/k, 1] = ({1 / self.k:.3g}, 1]"
-                )
+                raise ParameterError(f"instahide bound {self.bound}: it must lie in (1/k, 1] = ({1 / self.k:.3g}, 1]")
             if self.mix not in MIX_MODES:
                 raise ParameterError(f"unknown instahide mix {self.mix!r}: choose inside or cross")
 
@@ -231,7 +221,7 @@ class KeyParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KeyParams":
+    def from_dict(cls, d: dict) -> KeyParams:
         try:
             rmt = d.get("rmt", {})
             aes = d.get("aes", {})
@@ -275,5 +265,4 @@ class KeyParams:
 
 def canonical_json(obj) -> bytes:
     """Sorted keys, no white space, ASCII, floats as their shortest round-trip decimal."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")

@@ -23,7 +23,7 @@ class Seed:
         self._value = bytes(value)
 
     @classmethod
-    def generate(cls) -> "Seed":
+    def generate(cls) -> Seed:
         """A fresh seed from the operating system's CSPRNG."""
         return cls(os.urandom(SEED_BYTES))
 

@@ -29,13 +29,16 @@ def test_keygen_and_list(cli):
     assert r.exit_code == 0 and "cifar" in r.stdout and "perm+rmt" in r.stdout
 
 
-@pytest.mark.parametrize("args,code,words", [
-    (["--shape", "32by32"], EXIT_USAGE, "malformed shape '32by32'"),
-    (["--shape", "32x32x3", "--block", "5"], EXIT_USAGE, "block 5x5 does not tile a 32x32 image"),
-    (["--shape", "32x32x3", "--pipeline", "perm,shuffle"], EXIT_USAGE, "unknown mechanism 'shuffle'"),
-    (["--shape", "32x32x3", "--rmt", "rotation"], EXIT_USAGE, "unknown rmt kind 'rotation'"),
-    (["--shape", "32x32x3", "--block", "2", "--pipeline", "aes"], EXIT_USAGE, "at least 16 bytes"),
-])
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (["--shape", "32by32"], EXIT_USAGE, "malformed shape '32by32'"),
+        (["--shape", "32x32x3", "--block", "5"], EXIT_USAGE, "block 5x5 does not tile a 32x32 image"),
+        (["--shape", "32x32x3", "--pipeline", "perm,shuffle"], EXIT_USAGE, "unknown mechanism 'shuffle'"),
+        (["--shape", "32x32x3", "--rmt", "rotation"], EXIT_USAGE, "unknown rmt kind 'rotation'"),
+        (["--shape", "32x32x3", "--block", "2", "--pipeline", "aes"], EXIT_USAGE, "at least 16 bytes"),
+    ],
+)
 def test_keygen_bad_input(cli, isolated_home, args, code, words):
     r = cli("keygen", "k", *args)
     assert r.exit_code == code, r.output
@@ -47,12 +50,14 @@ def test_lifecycle_exit_codes(cli, isolated_home):
     assert cli("keygen", "k", "--shape", "28x28", "--block", "7").exit_code == 0
     assert cli("keys", "rotate", "k").exit_code == 0
     before = files_under(isolated_home)
-    for args, words in [(["keys", "disable", "k@2"], "primary version and cannot be disabled"),
-                        (["keys", "show", "nope"], "no key named 'nope'"),
-                        (["keys", "show", "k@9"], "has no version 9"),
-                        (["keys", "promote", "k@9"], "has no version 9"),
-                        (["keys", "destroy", "k@2", "--yes"], "cannot be destroyed"),
-                        (["keygen", "k", "--shape", "28x28", "--block", "7"], "exists already")]:
+    for args, words in [
+        (["keys", "disable", "k@2"], "primary version and cannot be disabled"),
+        (["keys", "show", "nope"], "no key named 'nope'"),
+        (["keys", "show", "k@9"], "has no version 9"),
+        (["keys", "promote", "k@9"], "has no version 9"),
+        (["keys", "destroy", "k@2", "--yes"], "cannot be destroyed"),
+        (["keygen", "k", "--shape", "28x28", "--block", "7"], "exists already"),
+    ]:
         r = cli(*args)
         assert r.exit_code == EXIT_ACTION, (args, r.output)
         assert words in r.stderr
@@ -82,7 +87,10 @@ def test_export_import_through_the_cli(cli, tmp_path, isolated_home, monkeypatch
     monkeypatch.setenv("DKIT_PASSPHRASE", PHRASE)
     r = cli("keys", "import", out, "--name", "k2", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["versions"][0]["key_id"] == json.loads(cli("keys", "show", "k@1", "--json").stdout)["key_id"]
+    assert (
+        json.loads(r.stdout)["versions"][0]["key_id"]
+        == json.loads(cli("keys", "show", "k@1", "--json").stdout)["key_id"]
+    )
     out.write_bytes(out.read_bytes()[:200])
     r = cli("keys", "import", out, "--name", "k3")
     assert r.exit_code == EXIT_ACTION and str(out) in r.stderr and "truncated" in r.stderr
@@ -139,8 +147,14 @@ def test_tracebacks_do_not_show_locals():
 def seed_forms(seed: bytes) -> list[bytes]:
     """Every way a seed might leak into text: hex, base64 (standard, url-safe, unpadded), raw."""
     b64 = base64.b64encode(seed)
-    forms = [seed, seed.hex().encode(), seed.hex().upper().encode(), b64, b64.rstrip(b"="),
-             base64.urlsafe_b64encode(seed).rstrip(b"=")]
+    forms = [
+        seed,
+        seed.hex().encode(),
+        seed.hex().upper().encode(),
+        b64,
+        b64.rstrip(b"="),
+        base64.urlsafe_b64encode(seed).rstrip(b"="),
+    ]
     # Also a large enough piece of each, in case of wrapping or truncation.
     return forms + [f[4:28] for f in forms[1:]]
 
@@ -160,11 +174,22 @@ def test_no_seed_appears_in_home_output_or_json(cli, isolated_home, memory_backe
         run("keys", "rotate", name)
         run("keys", "rotate", name, "--json")
     monkeypatch.setenv("DKIT_PASSPHRASE", PHRASE)
-    for args in [("keys", "list"), ("keys", "list", "--json"), ("keys", "show", "a"), ("keys", "show", "b", "--json"),
-                 ("keys", "show", "a@1", "--json"), ("keys", "disable", "a@1", "--json"), ("keys", "enable", "a@1"),
-                 ("keys", "promote", "b@1"), ("keys", "audit"), ("keys", "audit", "--json"),
-                 ("keys", "export", "b", "-o", tmp_path / "b.backup"), ("keys", "import", tmp_path / "b.backup", "--name", "b2"),
-                 ("keys", "disable", "a@9"), ("keys", "destroy", "c@1", "--yes", "--json")]:
+    for args in [
+        ("keys", "list"),
+        ("keys", "list", "--json"),
+        ("keys", "show", "a"),
+        ("keys", "show", "b", "--json"),
+        ("keys", "show", "a@1", "--json"),
+        ("keys", "disable", "a@1", "--json"),
+        ("keys", "enable", "a@1"),
+        ("keys", "promote", "b@1"),
+        ("keys", "audit"),
+        ("keys", "audit", "--json"),
+        ("keys", "export", "b", "-o", tmp_path / "b.backup"),
+        ("keys", "import", tmp_path / "b.backup", "--name", "b2"),
+        ("keys", "disable", "a@9"),
+        ("keys", "destroy", "c@1", "--yes", "--json"),
+    ]:
         run(*args)
     seeds = [s.expose() for s in memory_backend._items.values()]
     assert len(seeds) >= 8

@@ -11,9 +11,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from conftest import REPO
 from dkit.derive import Stream, aes_keys, derive, key_id, permutation, rmt_matrices, subkey
 from dkit.params import KeyParams
 from dkit.secret import Seed
@@ -53,8 +53,12 @@ def test_primitive_vectors():
     assert subkey(seed, "perm").hex() == pv["subkey_perm"]
     assert subkey(seed, "rmt/0").hex() == pv["subkey_rmt_0"]
     assert Stream.for_label(seed, "rmt/0").read(32).hex() == pv["stream_rmt_0_first_32_bytes"]
-    np.testing.assert_allclose(Stream.for_label(seed, "rmt/0").uniform(4), pv["uniform_rmt_0_first_4"], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(Stream.for_label(seed, "rmt/0").gaussian(5), pv["gaussian_rmt_0_first_5"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        Stream.for_label(seed, "rmt/0").uniform(4), pv["uniform_rmt_0_first_4"], rtol=0, atol=1e-15
+    )
+    np.testing.assert_allclose(
+        Stream.for_label(seed, "rmt/0").gaussian(5), pv["gaussian_rmt_0_first_5"], rtol=0, atol=1e-12
+    )
     s = Stream.for_label(seed, "perm")
     assert [s.below(1000) for _ in range(4)] == pv["below_perm_1000_first_4"]
 
@@ -94,8 +98,19 @@ def test_every_mechanism_has_a_golden_case():
             covered.update({"rmt:" + p["rmt"]["kind"], "rmt:" + p["rmt"]["channels"]})
         if "aes" in p:
             covered.add("aes:" + p["aes"]["keys"])
-    assert covered >= {"identity", "perm", "rmt", "aes", "instahide", "rmt:orthogonal", "rmt:projection",
-                       "rmt:joint", "rmt:shared", "aes:shared", "aes:per-block"}
+    assert covered >= {
+        "identity",
+        "perm",
+        "rmt",
+        "aes",
+        "instahide",
+        "rmt:orthogonal",
+        "rmt:projection",
+        "rmt:joint",
+        "rmt:shared",
+        "aes:shared",
+        "aes:per-block",
+    }
 
 
 def test_matrices_have_the_promised_properties():
@@ -143,8 +158,13 @@ def test_same_seed_same_material_in_two_processes(tmp_path):
     outputs = []
     for i in range(2):
         npy = tmp_path / f"m{i}.npy"
-        r = subprocess.run([sys.executable, "-c", _CHILD, str(npy)], input=seed.expose().hex(),
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(npy)],
+            input=seed.expose().hex(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         outputs.append((r.stdout, np.load(npy)))
     assert outputs[0][0] == outputs[1][0]
     np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=0, atol=1e-12)

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from conftest import REPO
 from dkit.derive import derive
 from dkit.engine import Disguise, RandomSource
 from dkit.params import KeyParams
@@ -39,15 +39,18 @@ def test_disguise_vector(name):
         pool = None
         if "public_uint8_hex" in c:
             pool = np.frombuffer(bytes.fromhex(c["public_uint8_hex"]), dtype=np.uint8).reshape((-1,) + params.shape)
-        enc, soft = d.encode(x, np.array(c["labels"]), num_classes=c["num_classes"], encodings=c["encodings"],
-                             pool=pool, rng=rng)
+        enc, soft = d.encode(
+            x, np.array(c["labels"]), num_classes=c["num_classes"], encodings=c["encodings"], pool=pool, rng=rng
+        )
         np.testing.assert_allclose(enc.ravel(), c["output"], rtol=0, atol=2e-5)
         np.testing.assert_allclose(soft.ravel(), c["soft_labels"], rtol=0, atol=1e-6)
         return
     y = d.apply(x, rng=rng)
     if "noise_uint16_first_8" in c:
-        assert d.noise_for(RandomSource.fixed(bytes.fromhex(c["random_root"])), 0, 1).ravel()[:8].tolist() == \
-            c["noise_uint16_first_8"]
+        assert (
+            d.noise_for(RandomSource.fixed(bytes.fromhex(c["random_root"])), 0, 1).ravel()[:8].tolist()
+            == c["noise_uint16_first_8"]
+        )
     if "output_uint8_hex" in c:
         assert np.all(y == np.round(y))
         assert y.astype(np.uint8).tobytes().hex() == c["output_uint8_hex"]
@@ -68,5 +71,5 @@ def test_noise_bytes_follow_the_spec():
     per = 4 * 4 * 1 * 2
     for n in range(3):
         got = d.noise_for(RandomSource.fixed(root), n, 1).ravel()
-        want = np.frombuffer(stream[n * per:(n + 1) * per], dtype="<u2")
+        want = np.frombuffer(stream[n * per : (n + 1) * per], dtype="<u2")
         assert got.tolist() == want.tolist()

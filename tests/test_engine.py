@@ -14,9 +14,17 @@ from dkit.errors import InputError
 from dkit.params import KeyParams
 from dkit.secret import Seed
 
-PIPELINES = [("identity", {}), ("perm", {}), ("rmt", {"noise": 0}), ("perm,rmt", {"noise": 0}),
-             ("perm,rmt", {"noise": 25}), ("rmt", {"channels": "shared", "noise": 10}),
-             ("perm,rmt", {"rmt_kind": "projection", "noise": 0}), ("perm,aes", {}), ("aes", {"aes_keys": "shared"})]
+PIPELINES = [
+    ("identity", {}),
+    ("perm", {}),
+    ("rmt", {"noise": 0}),
+    ("perm,rmt", {"noise": 0}),
+    ("perm,rmt", {"noise": 25}),
+    ("rmt", {"channels": "shared", "noise": 10}),
+    ("perm,rmt", {"rmt_kind": "projection", "noise": 0}),
+    ("perm,aes", {}),
+    ("aes", {"aes_keys": "shared"}),
+]
 
 
 def make(shape, block, pipeline, seed=None, **kw) -> Disguise:
@@ -81,10 +89,11 @@ def test_fast_kernels_match_the_spec_and_torch_matches_numpy(geo, pipe, seed):
     ref = d.reference(x, d.noise_for(RandomSource.fixed(seed), 0, n))
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-3)
     xt = torch.from_numpy(x.copy())
-    yt = d.apply(xt, rng=RandomSource.fixed(seed))
-    assert isinstance(yt, torch.Tensor) and yt.dtype == torch.float32 and yt.device == xt.device
-    assert torch.equal(xt, torch.from_numpy(x))
-    np.testing.assert_allclose(yt.numpy(), y, rtol=0, atol=2e-3)
+    for backend in ("auto", "torch"):  # CPU tensors: the numpy kernels, or the torch kernels (as on CUDA)
+        yt = d.apply(xt, rng=RandomSource.fixed(seed), backend=backend)
+        assert isinstance(yt, torch.Tensor) and yt.dtype == torch.float32 and yt.device == xt.device
+        assert torch.equal(xt, torch.from_numpy(x))
+        np.testing.assert_allclose(yt.numpy(), y, rtol=0, atol=2e-3)
     # float inputs and float16 outputs agree too
     np.testing.assert_allclose(d.apply(x.astype(np.float32), rng=RandomSource.fixed(seed)), y, rtol=0, atol=2e-3)
     y16 = d.apply(x, rng=RandomSource.fixed(seed), dtype="float16")
@@ -99,8 +108,12 @@ def test_reveal_round_trips(geo, seed):
     s = "x".join(map(str, shape))
     b = "x".join(map(str, block))
     x = images(np.random.default_rng(seed), n, shape)
-    for pipeline, kw, tol in [("perm", {}, 0), ("identity", {}, 0), ("perm,rmt", {"noise": 0}, 1e-4),
-                              ("rmt", {"noise": 0, "channels": "shared"}, 1e-4)]:
+    for pipeline, kw, tol in [
+        ("perm", {}, 0),
+        ("identity", {}, 0),
+        ("perm,rmt", {"noise": 0}, 1e-4),
+        ("rmt", {"noise": 0, "channels": "shared"}, 1e-4),
+    ]:
         d = make(s, b, pipeline, **kw)
         np.testing.assert_allclose(d.reveal(d.apply(x)), x, rtol=0, atol=tol * 255)
     if shape[0] * shape[1] * shape[2] >= 16:  # aes needs 16-byte blocks: the drawn block, or the whole image
@@ -125,7 +138,8 @@ def test_empty_batches():
         y = d.apply(np.zeros((0, 8, 8, 3), np.uint8))
         assert y.shape == (0, 8, 8, 3)
         assert d.reveal(y).shape == (0, 8, 8, 3)
-        assert d.apply(torch.zeros((0, 8, 8, 3), dtype=torch.uint8)).shape == (0, 8, 8, 3)
+        for backend in ("auto", "torch"):
+            assert d.apply(torch.zeros((0, 8, 8, 3), dtype=torch.uint8), backend=backend).shape == (0, 8, 8, 3)
 
 
 def test_permutation_only_rearranges_blocks():
@@ -160,8 +174,8 @@ def test_shared_channels_is_the_papers_per_channel_right_multiplication():
     for i in range(4):
         br, bc = divmod(i, 2)
         for ch in range(3):
-            xi = x[br * 4:(br + 1) * 4, bc * 4:(bc + 1) * 4, ch].astype(np.float64)
-            np.testing.assert_allclose(y[br * 4:(br + 1) * 4, bc * 4:(bc + 1) * 4, ch], xi @ r[i], atol=1e-3)
+            xi = x[br * 4 : (br + 1) * 4, bc * 4 : (bc + 1) * 4, ch].astype(np.float64)
+            np.testing.assert_allclose(y[br * 4 : (br + 1) * 4, bc * 4 : (bc + 1) * 4, ch], xi @ r[i], atol=1e-3)
 
 
 @pytest.mark.parametrize("block,keys", [("4", "per-block"), ("4", "shared"), ("7", "per-block")])
@@ -182,7 +196,7 @@ def test_aes_equal_blocks_give_equal_output_at_a_position(block, keys):
     # Equal plaintext at two positions: equal output only with one shared key.
     z = np.zeros((1,) + p.shape, np.uint8)
     yz = d.apply(z)
-    same = np.array_equal(yz[0, :bh, :bw], yz[0, :bh, bw:2 * bw])
+    same = np.array_equal(yz[0, :bh, :bw], yz[0, :bh, bw : 2 * bw])
     assert same == (keys == "shared")
 
 
@@ -198,23 +212,27 @@ def test_different_keys_and_randomness_differ():
     assert not np.array_equal(y[0], y[1])  # and fresh per image
 
 
-@pytest.mark.parametrize("bad,words", [
-    (np.zeros((2, 32, 32, 1), np.uint8), "1 channels, but the key expects 3"),
-    (np.zeros((2, 28, 28, 3), np.uint8), "images of 28x28x3, but the key expects 32x32x3"),
-    (np.zeros((32, 32), np.uint8), "an array of shape"),
-    (np.full((1, 32, 32, 3), np.nan, np.float32), "NaN"),
-    (np.full((1, 32, 32, 3), 256.0, np.float32), "0..255"),
-    (np.full((1, 32, 32, 3), -1, np.int16), "0..255"),
-    (np.zeros((1, 32, 32, 3), bool), "dtype bool"),
-    (np.zeros((1, 32, 32, 3), np.complex64), "dtype complex64"),
-])
+@pytest.mark.parametrize(
+    "bad,words",
+    [
+        (np.zeros((2, 32, 32, 1), np.uint8), "1 channels, but the key expects 3"),
+        (np.zeros((2, 28, 28, 3), np.uint8), "images of 28x28x3, but the key expects 32x32x3"),
+        (np.zeros((32, 32), np.uint8), "an array of shape"),
+        (np.full((1, 32, 32, 3), np.nan, np.float32), "NaN"),
+        (np.full((1, 32, 32, 3), 256.0, np.float32), "0..255"),
+        (np.full((1, 32, 32, 3), -1, np.int16), "0..255"),
+        (np.zeros((1, 32, 32, 3), bool), "dtype bool"),
+        (np.zeros((1, 32, 32, 3), np.complex64), "dtype complex64"),
+    ],
+)
 def test_bad_input_is_refused_clearly(bad, words):
     d = make("32x32x3", 4, "perm,rmt")
     with pytest.raises(InputError, match=words):
         d.apply(bad)
     if bad.dtype != np.complex64:
-        with pytest.raises(InputError, match=words):
-            d.apply(torch.from_numpy(bad))
+        for backend in ("auto", "torch"):
+            with pytest.raises(InputError, match=words):
+                d.apply(torch.from_numpy(bad), backend=backend)
 
 
 def test_aes_needs_whole_numbers_and_dtype_option():
@@ -259,7 +277,9 @@ def test_instahide_encodings():
     np.testing.assert_allclose(soft[3], label, atol=1e-6)
     # Chunked encoding with the whole set as the pool equals one run.
     a, sa = d.encode(x[:4], y[:4], num_classes=3, encodings=2, pool=x, pool_labels=y, rng=RandomSource.fixed(9))
-    b, sb = d.encode(x[4:], y[4:], num_classes=3, encodings=2, pool=x, pool_labels=y, rng=RandomSource.fixed(9), start=4)
+    b, sb = d.encode(
+        x[4:], y[4:], num_classes=3, encodings=2, pool=x, pool_labels=y, rng=RandomSource.fixed(9), start=4
+    )
     np.testing.assert_allclose(np.concatenate([a, b]), enc, atol=1e-6)
     np.testing.assert_allclose(np.concatenate([sa, sb]), soft, atol=1e-6)
     with pytest.raises(InputError, match="not be inverted"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import stat
 from datetime import timedelta
 
@@ -20,7 +19,7 @@ from dkit.errors import (
     SecretBackendError,
     StoreCorrupt,
 )
-from dkit.keystore import FileBackend, KeyringBackend, Keystore, MemoryBackend, parse_age
+from dkit.keystore import KeyringBackend, Keystore, MemoryBackend, parse_age
 from dkit.keystore import backup as backup_mod
 from dkit.keystore.records import utcnow
 from dkit.params import KeyParams
@@ -174,8 +173,12 @@ def test_short_passphrase_refused(keystore, tmp_path):
 def test_corrupt_record_store(keystore, isolated_home):
     keystore.keygen("k", P)
     store = isolated_home / "keys.json"
-    for content in [b"{not json", b'{"format": "something-else"}', b'{"format": "dkit-keystore", "version": 1}',
-                    b'{"format": "dkit-keystore", "version": 99}']:
+    for content in [
+        b"{not json",
+        b'{"format": "something-else"}',
+        b'{"format": "dkit-keystore", "version": 1}',
+        b'{"format": "dkit-keystore", "version": 99}',
+    ]:
         store.write_bytes(content)
         before = snapshot(isolated_home)
         with pytest.raises(StoreCorrupt) as e:
@@ -284,8 +287,14 @@ def test_audit_findings(isolated_home, memory_backend):
     clock[0] = utcnow()
     report = ks.audit(max_age=timedelta(days=90))
     found = sorted((f["kind"], f["key"], f["version"]) for f in report.findings)
-    assert found == [("age", "j", 1), ("age", "j", 2), ("age", "k", 2), ("age", "old", 1),
-                     ("disabled-artifact", "k", 1), ("non-primary-artifact", "j", 1)], report.findings
+    assert found == [
+        ("age", "j", 1),
+        ("age", "j", 2),
+        ("age", "k", 2),
+        ("age", "old", 1),
+        ("disabled-artifact", "k", 1),
+        ("non-primary-artifact", "j", 1),
+    ], report.findings
     by = {(v["key"], v["version"]): v for v in report.versions}
     assert by[("k", 2)]["uses"] == 2 and by[("k", 2)]["use_actions"] == ["disguise", "predict"]
     assert ks.audit().findings and not any(f["kind"] == "age" for f in ks.audit().findings)

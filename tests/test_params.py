@@ -4,14 +4,22 @@ from dkit.errors import EXIT_USAGE, ParameterError
 from dkit.params import KeyParams, parse_block, parse_pipeline, parse_shape
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("32x32x3", (32, 32, 3)), ("28x28", (28, 28, 1)), ("224X224X3", (224, 224, 3)), (" 8 x 4 x 1", (8, 4, 1)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("32x32x3", (32, 32, 3)),
+        ("28x28", (28, 28, 1)),
+        ("224X224X3", (224, 224, 3)),
+        (" 8 x 4 x 1", (8, 4, 1)),
+    ],
+)
 def test_parse_shape(text, expected):
     assert parse_shape(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "32", "32x", "x32x3", "32x32x3x1", "32*32*3", "-1x32x3", "0x32x3", "32x32x0", "axbxc"])
+@pytest.mark.parametrize(
+    "text", ["", "32", "32x", "x32x3", "32x32x3x1", "32*32*3", "-1x32x3", "0x32x3", "32x32x0", "axbxc"]
+)
 def test_malformed_shape_is_a_usage_error(text):
     with pytest.raises(ParameterError) as e:
         parse_shape(text)
@@ -33,9 +41,14 @@ def test_malformed_block(text):
 def test_pipeline_is_canonical_and_validated():
     assert parse_pipeline("rmt,perm") == ("perm", "rmt")
     assert parse_pipeline(["AES", " perm "]) == ("perm", "aes")
-    for bad, words in [("perm,rot", "unknown mechanism 'rot'"), ("rmt,aes", "choose one"),
-                       ("identity,perm", "cannot be combined"), ("", "empty"), ("perm,perm", "twice"),
-                       ("instahide,perm", "alone")]:
+    for bad, words in [
+        ("perm,rot", "unknown mechanism 'rot'"),
+        ("rmt,aes", "choose one"),
+        ("identity,perm", "cannot be combined"),
+        ("", "empty"),
+        ("perm,perm", "twice"),
+        ("instahide,perm", "alone"),
+    ]:
         with pytest.raises(ParameterError, match=words):
             parse_pipeline(bad)
 
@@ -74,13 +87,19 @@ def test_defaults_and_round_trip():
     assert q.matrix_side == 4
     # Settings of mechanisms outside the pipeline are not part of the public form.
     assert "aes" not in p.to_dict() and "instahide" not in p.to_dict()
-    assert p.canonical() == (b'{"block":[4,4],"pipeline":["perm","rmt"],"rmt":{"channels":"joint",'
-                             b'"kind":"orthogonal","noise":25.0},"shape":[32,32,3],"spec":1}')
+    assert p.canonical() == (
+        b'{"block":[4,4],"pipeline":["perm","rmt"],"rmt":{"channels":"joint",'
+        b'"kind":"orthogonal","noise":25.0},"shape":[32,32,3],"spec":1}'
+    )
 
 
 def test_from_dict_rejects_damage():
     d = KeyParams.create("32x32x3", 4).to_dict()
-    for broken in [{**d, "shape": [32, 32]}, {**d, "pipeline": ["nope"]}, {k: v for k, v in d.items() if k != "block"},
-                   {**d, "spec": 9}]:
+    for broken in [
+        {**d, "shape": [32, 32]},
+        {**d, "pipeline": ["nope"]},
+        {k: v for k, v in d.items() if k != "block"},
+        {**d, "spec": 9},
+    ]:
         with pytest.raises(ParameterError):
             KeyParams.from_dict(broken)

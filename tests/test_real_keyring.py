@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import real_keyring_or_skip
+from test_cli_keys import files_under, seed_forms
+
 from dkit.keystore import Keystore
 from dkit.keystore.backends import SERVICE
-from test_cli_keys import files_under, seed_forms
 
 pytestmark = pytest.mark.realkeyring
 PHRASE = "correct horse battery"
@@ -33,8 +33,14 @@ def dkit(isolated_home, tmp_path):
         env["DKIT_HOME"] = str(home)
         if passphrase:
             env["DKIT_PASSPHRASE"] = passphrase
-        r = subprocess.run([sys.executable, "-m", "dkit", *map(str, args)], env=env, capture_output=True,
-                           text=True, timeout=120, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, "-m", "dkit", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
         outputs.append((r.stdout + r.stderr).encode())
         assert r.returncode == expect, (args, r.stdout, r.stderr)
         return r
@@ -45,15 +51,19 @@ def dkit(isolated_home, tmp_path):
 
 def labels(home):
     store = json.loads((home / "keys.json").read_text())
-    return {f"{n}@{v['version']}": f"{store['store_id']}/{n}@{v['version']}"
-            for n, k in store["keys"].items() for v in k["versions"]}
+    return {
+        f"{n}@{v['version']}": f"{store['store_id']}/{n}@{v['version']}"
+        for n, k in store["keys"].items()
+        for v in k["versions"]
+    }
 
 
 def test_lifecycle_against_the_real_keyring(kr, dkit, isolated_home, tmp_path):
     created = []
     try:
-        v1 = json.loads(dkit("keygen", "cifar", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt",
-                             "--json").stdout)
+        v1 = json.loads(
+            dkit("keygen", "cifar", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt", "--json").stdout
+        )
         assert v1["secret_store"] == "keyring"
         created += labels(isolated_home).values()
         v2 = json.loads(dkit("keys", "rotate", "cifar", "--json").stdout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -29,8 +28,15 @@ def _show_record(rec: KeyRecord) -> None:
     for col in ("version", "status", "primary", "created", "key ID", "store", "parameters"):
         table.add_column(col)
     for v in rec.versions:
-        table.add_row(str(v.version), v.status, "yes" if v.version == rec.primary else "", v.created,
-                      v.key_id, v.secret_store, escape(v.params.describe()))
+        table.add_row(
+            str(v.version),
+            v.status,
+            "yes" if v.version == rec.primary else "",
+            v.created,
+            v.key_id,
+            v.secret_store,
+            escape(v.params.describe()),
+        )
     out.print(table)
 
 
@@ -40,24 +46,33 @@ def keygen(
     block: str = typer.Option("4", "--block", help="Block size B or BHxBW; it must tile the image."),
     pipeline: str = typer.Option("perm,rmt", "--pipeline", help="Mechanisms: identity, perm, rmt, aes, instahide."),
     rmt: str = typer.Option("orthogonal", "--rmt", help="RMT matrices: orthogonal or projection."),
-    channels: str = typer.Option("joint", "--channels", help="RMT on the whole block (joint) or per channel (shared, as in the papers)."),
-    noise: Optional[float] = typer.Option(None, "--noise", help="RMT noise level N: Delta ~ U[0, N) in pixel units (default 25 with rmt)."),
+    channels: str = typer.Option(
+        "joint", "--channels", help="RMT on the whole block (joint) or per channel (shared, as in the papers)."
+    ),
+    noise: float | None = typer.Option(
+        None, "--noise", help="RMT noise level N: Delta ~ U[0, N) in pixel units (default 25 with rmt)."
+    ),
     aes: str = typer.Option("per-block", "--aes", help="AES keys: shared or per-block."),
     k: int = typer.Option(4, "--k", help="InstaHide: images mixed per encoding."),
     bound: float = typer.Option(0.65, "--bound", help="InstaHide: largest allowed mixing coefficient."),
-    mix: str = typer.Option("inside", "--mix", help="InstaHide: mix with the private set (inside) or a public set (cross)."),
+    mix: str = typer.Option(
+        "inside", "--mix", help="InstaHide: mix with the private set (inside) or a public set (cross)."
+    ),
     json_out: bool = JSON,
 ):
     """Create version 1 of a named key; its secret seed goes to the OS keyring."""
-    params = KeyParams.create(shape, block, pipeline, rmt_kind=rmt, channels=channels, noise=noise,
-                              aes_keys=aes, k=k, bound=bound, mix=mix)
+    params = KeyParams.create(
+        shape, block, pipeline, rmt_kind=rmt, channels=channels, noise=noise, aes_keys=aes, k=k, bound=bound, mix=mix
+    )
     rec = common.open_keystore().keygen(name, params)
     if json_out:
         print_json(_version_dict(rec.name, rec.primary, rec.versions[0]))
     else:
         v = rec.versions[0]
-        out.print(f"created key [bold]{escape(rec.name)}[/] version 1 (key ID {v.key_id}) "
-                  f"in the {v.secret_store} store: {escape(params.describe())}")
+        out.print(
+            f"created key [bold]{escape(rec.name)}[/] version 1 (key ID {v.key_id}) "
+            f"in the {v.secret_store} store: {escape(params.describe())}"
+        )
 
 
 @keys_app.command("list")
@@ -164,14 +179,16 @@ def export(
     if json_out:
         print_json({"key": rec.name, "file": str(output), "versions": [v.version for v in rec.versions]})
     else:
-        out.print(f"wrote an encrypted backup of {escape(name)} to {escape(str(output))}; "
-                  "keep the file and its passphrase apart")
+        out.print(
+            f"wrote an encrypted backup of {escape(name)} to {escape(str(output))}; "
+            "keep the file and its passphrase apart"
+        )
 
 
 @keys_app.command("import")
 def import_(
     file: Path = typer.Argument(..., help="A backup written by dkit keys export."),
-    as_name: Optional[str] = typer.Option(None, "--name", help="Import under another name."),
+    as_name: str | None = typer.Option(None, "--name", help="Import under another name."),
     json_out: bool = JSON,
 ):
     """Restore a key from a backup; each version's fingerprint is checked."""
@@ -182,13 +199,16 @@ def import_(
     if json_out:
         print_json(rec.to_dict())
     else:
-        out.print(f"imported key {escape(rec.name)}: versions "
-                  + ", ".join(f"{v.version} {v.status}" for v in rec.versions))
+        out.print(
+            f"imported key {escape(rec.name)}: versions " + ", ".join(f"{v.version} {v.status}" for v in rec.versions)
+        )
 
 
 @keys_app.command("audit")
 def audit(
-    max_age: Optional[str] = typer.Option(None, "--max-age", help="Flag enabled versions older than this (90d, 12w, 36h)."),
+    max_age: str | None = typer.Option(
+        None, "--max-age", help="Flag enabled versions older than this (90d, 12w, 36h)."
+    ),
     json_out: bool = JSON,
 ):
     """Check the audit log's hash chain and each version's age, secret and uses; exit 1 on findings."""
@@ -202,8 +222,13 @@ def audit(
             table.add_column(col)
         for v in report.versions:
             star = " *" if v["primary"] else ""
-            table.add_row(f"{escape(v['key'])}@{v['version']}{star}", v["status"], f"{v['age_days']:.1f}",
-                          f"{v['uses']} {','.join(v['use_actions'])}".strip(), v["key_id"])
+            table.add_row(
+                f"{escape(v['key'])}@{v['version']}{star}",
+                v["status"],
+                f"{v['age_days']:.1f}",
+                f"{v['uses']} {','.join(v['use_actions'])}".strip(),
+                v["key_id"],
+            )
         out.print(table)
         if report.ok:
             out.print("[green]no findings[/]")

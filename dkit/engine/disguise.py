@@ -19,7 +19,7 @@ from ..params import KeyParams
 from . import kernels_np
 from .geometry import batch_shape, check_values_np, from_blocks, out_dtype, to_blocks
 from .instahide import InstaHide
-from .mechanisms import AES, RMT, Identity, Mechanism, Permutation, aes_rows
+from .mechanisms import AES, RMT, Identity, Mechanism, Permutation
 from .randomness import RandomSource
 
 NOISE_LABEL = "noise"
@@ -34,15 +34,18 @@ class Disguise:
         self.params: KeyParams = material.params
         p = self.params
         self.perm = Permutation(material.perm) if material.perm is not None else None
-        self.rmt = (RMT(material.matrices, p.channels, p.block, p.shape[2], p.noise, p.rmt_kind)
-                    if material.matrices is not None else None)
+        self.rmt = (
+            RMT(material.matrices, p.channels, p.block, p.shape[2], p.noise, p.rmt_kind)
+            if material.matrices is not None
+            else None
+        )
         self.aes = AES(material.aes) if material.aes is not None else None
         self.instahide = InstaHide(p.k, p.bound, p.mix) if p.has("instahide") else None
         self._plan = None
         self._torch_cache: dict = {}
 
     @classmethod
-    def from_key(cls, key) -> "Disguise":
+    def from_key(cls, key) -> Disguise:
         """From a ``LoadedKey`` (``Keystore.load``) or a ``KeyMaterial``."""
         return cls(getattr(key, "material", key))
 
@@ -85,19 +88,30 @@ class Disguise:
         """The uint16 noise draws m of images start..start+n-1, (n, H, W, C); noise = N * m / 65536."""
         return self._noise_fn(rng, start)(0, n).reshape((n,) + self.params.shape)
 
-    def apply(self, x, *, rng: RandomSource | None = None, start: int = 0, dtype="float32", out=None):
+    def apply(
+        self, x, *, rng: RandomSource | None = None, start: int = 0, dtype="float32", out=None, backend: str = "auto"
+    ):
         """Disguise a batch (N, H, W, C) or one image (H, W, C). numpy in, numpy out; torch in, torch out.
 
         ``start`` is the global index of the first image (it selects the per-image randomness).
         ``out`` (numpy, optional) is a preallocated output of the right shape and dtype, for loops
         that disguise chunk after chunk without touching fresh memory each time.
+        ``backend``: ``auto`` runs CPU data (numpy or torch) through the fused numpy kernels and CUDA
+        tensors through the torch kernels on their device; ``torch`` forces the torch kernels.
         """
         if self.instahide is not None:
             raise InputError("instahide mixes a labelled set of images; use Disguise.encode")
+        if backend not in ("auto", "numpy", "torch"):
+            raise InputError(f"unknown backend {backend!r}: choose auto, numpy or torch")
         if _is_torch(x):
-            from .kernels_torch import apply_torch
+            if backend == "torch" or (backend == "auto" and x.device.type != "cpu"):
+                from .kernels_torch import apply_torch
 
-            return apply_torch(self, x, rng=rng, start=start, dtype=dtype)
+                return apply_torch(self, x, rng=rng, start=start, dtype=dtype)
+            import torch
+
+            y = self.apply(x.detach().numpy(), rng=rng, start=start, dtype=dtype)
+            return torch.from_numpy(y)
         x = np.asarray(x)
         n, single = batch_shape(x.shape, self.params, "images")
         check_values_np(x, "images", need_bytes=self.aes is not None)
@@ -113,31 +127,19 @@ class Disguise:
         else:
             if self._plan is None:
                 self._plan = kernels_np.LinearPlan(
-                    self.params, self.material.perm, self.rmt.matrices if self.rmt is not None else None)
+                    self.params, self.material.perm, self.rmt.matrices if self.rmt is not None else None
+                )
             noisy = self.noise > 0
             rng = rng or (RandomSource() if noisy else None)
             self._plan.run(x, out, self._noise_fn(rng, start) if noisy else None, self.noise / NOISE_LEVELS)
         return out[0] if single else out
 
     def _apply_aes(self, x: np.ndarray, out: np.ndarray) -> None:
-        p = self.params
-        t, d = p.positions, p.block_size
         if x.dtype != np.uint8:
             x = np.rint(x).astype(np.uint8)
-        n = x.shape[0]
-        gh, gw = p.grid
-        bh, bw = p.block
-        blocks = np.ascontiguousarray(
-            x.reshape(n, gh, bh, gw, bw, p.shape[2]).transpose(1, 3, 0, 2, 4, 5)).reshape(t, n, d)
-        if len(self.aes.keys) == 1 and d % 16 == 0:
-            enc = aes_rows(blocks.reshape(t * n, d), self.aes.keys[0]).reshape(t, n, d)
-        else:
-            enc = np.empty_like(blocks)
-            for i in range(t):
-                enc[i] = aes_rows(blocks[i], self.aes.key_for(i))
-        src = self.material.perm if self.material.perm is not None else np.arange(t)
-        kernels_np.scatter(enc[src], kernels_np._positions(np.arange(t), gw),
-                           out.reshape(n, gh, bh, gw, bw, p.shape[2]))
+        if self._plan is None:
+            self._plan = kernels_np.AESPlan(self.params, self.material.perm, self.aes.keys)
+        self._plan.run(x, out)
 
     def reveal(self, y) -> np.ndarray:
         """The owner's inverse, float64. Exact for perm and AES (uint8 values), to ~1e-4 for orthogonal
@@ -151,8 +153,12 @@ class Disguise:
         n, single = batch_shape(y.shape, self.params, "disguised images")
         y = y.reshape((n,) + self.params.shape)
         if self.aes is not None:
-            out = from_blocks(self.aes.invert(self.perm.invert(to_blocks(y, self.params)) if self.perm
-                                              else to_blocks(y, self.params)), self.params).astype(np.float64)
+            out = from_blocks(
+                self.aes.invert(
+                    self.perm.invert(to_blocks(y, self.params)) if self.perm else to_blocks(y, self.params)
+                ),
+                self.params,
+            ).astype(np.float64)
         else:
             mean = self.noise * (NOISE_LEVELS - 1) / 2 / NOISE_LEVELS
             inv = self.rmt.inverse_matrices if self.rmt is not None else None
@@ -172,8 +178,19 @@ class Disguise:
         return y
 
     # -- InstaHide --------------------------------------------------------------------------
-    def encode(self, x, labels=None, *, num_classes: int | None = None, encodings: int = 1, pool=None,
-               pool_labels=None, rng: RandomSource | None = None, start: int = 0, dtype="float32"):
+    def encode(
+        self,
+        x,
+        labels=None,
+        *,
+        num_classes: int | None = None,
+        encodings: int = 1,
+        pool=None,
+        pool_labels=None,
+        rng: RandomSource | None = None,
+        start: int = 0,
+        dtype="float32",
+    ):
         """Disguise a labelled set: (images, labels). For InstaHide: T encodings per image with soft
         labels (N*T, K); for other pipelines ``apply`` with the labels passed through."""
         x = np.asarray(x)
@@ -197,8 +214,17 @@ class Disguise:
                 num_classes = int(labels.max()) + 1 if n else 0
             if n and (labels.min() < 0 or labels.max() >= num_classes):
                 raise InputError(f"labels must lie in 0..{num_classes - 1}")
-        return self.instahide.encode(x, labels, num_classes or 0, encodings=encodings, pool=pool,
-                                     pool_labels=pool_labels, rng=rng, start=start, dtype=out_dtype(dtype))
+        return self.instahide.encode(
+            x,
+            labels,
+            num_classes or 0,
+            encodings=encodings,
+            pool=pool,
+            pool_labels=pool_labels,
+            rng=rng,
+            start=start,
+            dtype=out_dtype(dtype),
+        )
 
 
 def _is_torch(x) -> bool:

@@ -57,8 +57,10 @@ def check_values_np(x: np.ndarray, what: str, *, need_bytes: bool = False) -> No
     if np.issubdtype(x.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
         raise InputError(f"{what}: the images contain NaN or infinite values")
     if lo < 0 or hi > 255:
-        raise InputError(f"{what}: values must lie in 0..255, found {float(lo):g}..{float(hi):g}",
-                         hint="pass raw pixel values (not values scaled to 0..1 or normalised)")
+        raise InputError(
+            f"{what}: values must lie in 0..255, found {float(lo):g}..{float(hi):g}",
+            hint="pass raw pixel values (not values scaled to 0..1 or normalised)",
+        )
     if need_bytes and np.issubdtype(x.dtype, np.floating) and not np.array_equal(x, np.round(x)):
         raise InputError(f"{what}: aes encrypts bytes, so pixel values must be whole numbers")
 

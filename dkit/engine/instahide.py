@@ -50,9 +50,19 @@ class InstaHide(Mechanism):
         signs = 1.0 - 2.0 * bits[:pixels].astype(np.float32)
         return partners, lam, signs
 
-    def encode(self, x: np.ndarray, labels: np.ndarray | None, num_classes: int, *, encodings: int = 1,
-               pool: np.ndarray | None = None, pool_labels: np.ndarray | None = None,
-               rng: RandomSource | None = None, start: int = 0, dtype=np.float32):
+    def encode(
+        self,
+        x: np.ndarray,
+        labels: np.ndarray | None,
+        num_classes: int,
+        *,
+        encodings: int = 1,
+        pool: np.ndarray | None = None,
+        pool_labels: np.ndarray | None = None,
+        rng: RandomSource | None = None,
+        start: int = 0,
+        dtype=np.float32,
+    ):
         """Encode each image ``encodings`` times. Returns (images (N*T, H, W, C), soft labels (N*T, K) or None).
 
         ``x`` is a batch of private images in 0..255 and ``start`` its index in the whole set (so
@@ -84,7 +94,9 @@ class InstaHide(Mechanism):
             r1 = min(total, r0 + step)
             acc = _scaled(x[own[r0:r1]].reshape(r1 - r0, pixels)) * lam[r0:r1, :1].astype(np.float32)
             for j in range(m):
-                acc += _scaled(pool[partners[r0:r1, j]].reshape(r1 - r0, pixels)) * lam[r0:r1, j + 1:j + 2].astype(np.float32)
+                acc += _scaled(pool[partners[r0:r1, j]].reshape(r1 - r0, pixels)) * lam[r0:r1, j + 1 : j + 2].astype(
+                    np.float32
+                )
             np.multiply(acc, signs[r0:r1], out=out[r0:r1], casting="same_kind")
         soft = None
         if labels is not None:

@@ -42,22 +42,29 @@ def chunk_images(params: KeyParams) -> int:
     return max(1, CHUNK_BYTES // (4 * h * w * c), SLAB_VALUES // params.block_size)
 
 
-def _positions(order: np.ndarray, gw: int) -> list[tuple[int, int, int]]:
-    return [(j, *divmod(int(p), gw)) for j, p in enumerate(order)]
+def to_slabs(x: np.ndarray, params: KeyParams, out: np.ndarray) -> np.ndarray:
+    """(n, H, W, C) -> ``out`` (t, n, d): block position-major, one strided copy (converting dtype)."""
+    n = x.shape[0]
+    bh, bw = params.block
+    gh, gw = params.grid
+    c = params.shape[2]
+    out.reshape(gh, gw, n, bh, bw, c)[...] = x.reshape(n, gh, bh, gw, bw, c).transpose(1, 3, 0, 2, 4, 5)
+    return out
 
 
-def gather(x6: np.ndarray, pos: list, buf: np.ndarray) -> None:
-    """buf[j] (n, d) <- the block at (r, c) of each image, for each (j, r, c) in ``pos``."""
-    n, _, bh, _, bw, c = x6.shape
-    for j, r, col in pos:
-        buf[j].reshape(n, bh, bw, c)[...] = x6[:, r, :, col, :, :]
+def image_view(out: np.ndarray, params: KeyParams) -> np.ndarray:
+    """A (t-major) view of an (n, H, W, C) image array with the axes of ``slab_view``."""
+    n = out.shape[0]
+    bh, bw = params.block
+    gh, gw = params.grid
+    return out.reshape(n, gh, bh, gw, bw, params.shape[2]).transpose(1, 3, 0, 2, 4, 5)
 
 
-def scatter(z: np.ndarray, pos: list, out6: np.ndarray) -> None:
-    """The block at (r, c) of each output image <- z[j], for each (j, r, c) in ``pos``."""
-    n, _, bh, _, bw, c = out6.shape
-    for j, r, col in pos:
-        out6[:, r, :, col, :, :] = z[j].reshape(n, bh, bw, c)
+def slab_view(z: np.ndarray, params: KeyParams) -> np.ndarray:
+    """(t, n, d) seen as (gh, gw, n, bh, bw, c)."""
+    bh, bw = params.block
+    gh, gw = params.grid
+    return z.reshape(gh, gw, z.shape[1], bh, bw, params.shape[2])
 
 
 class LinearPlan:
@@ -67,92 +74,126 @@ class LinearPlan:
         t = params.positions
         self.params = params
         self.src = perm if perm is not None else np.arange(t)
-        self.gather_pos = _positions(self.src, params.grid[1])
-        self.natural_pos = _positions(np.arange(t), params.grid[1])
+        self.permuted = perm is not None
         # Slot j holds original block src[j], so it is multiplied by that position's matrix.
         self.mats = None if mats is None else np.ascontiguousarray(mats[self.src], dtype=np.float32)
 
     def run(self, x: np.ndarray, out: np.ndarray, noise_fn=None, noise_scale: float = 0.0) -> None:
-        """Disguise ``x`` (N, H, W, C) into ``out`` (same shape, float). ``noise_fn(i0, n, buf)`` gives uint16 noise."""
-        n_all = x.shape[0]
-        step = chunk_images(self.params)
-        starts = list(range(0, n_all, step))
-        if len(starts) <= 1:
-            for s in starts:
-                self._chunk(x, out, s, min(n_all, s + step), noise_fn, noise_scale)
-            return
-        futures = [_pool().submit(self._chunk, x, out, s, min(n_all, s + step), noise_fn, noise_scale)
-                   for s in starts]
-        for f in futures:
-            f.result()
+        """Disguise ``x`` (N, H, W, C) into ``out`` (same shape, float). ``noise_fn(i0, n)`` gives uint16 noise."""
+        _run_chunks(self._chunk, x, out, chunk_images(self.params), noise_fn, noise_scale)
 
     def _chunk(self, x, out, i0, i1, noise_fn, noise_scale):
         p = self.params
-        h, w, c = p.shape
-        bh, bw = p.block
-        gh, gw = p.grid
-        n = i1 - i0
-        x6 = x[i0:i1].reshape(n, gh, bh, gw, bw, c)
-        o = out[i0:i1]
-        o6 = o.reshape(n, gh, bh, gw, bw, c)
-        noisy = noise_fn is not None and noise_scale
-        if noisy:
-            # The noise goes straight into the output; the blocks are then added onto it.
-            u = noise_fn(i0, n).reshape(n, h, w, c)
-            np.multiply(u, np.float32(noise_scale), out=o, casting="unsafe")
-        if self.mats is None:
-            # Pure permutation (or identity): one pass, converting as it copies.
-            for (j, r, col), (_, rs, cs) in zip(self.natural_pos, self.gather_pos):
-                if noisy:
-                    np.add(o6[:, r, :, col], x6[:, rs, :, cs], out=o6[:, r, :, col], casting="unsafe")
-                else:
-                    o6[:, r, :, col] = x6[:, rs, :, cs]
-            return
         t, d = p.positions, p.block_size
-        ws = _workspace((t, n, d))
-        gather(x6, self.gather_pos, ws.a)
-        np.matmul(ws.a, self.mats, out=ws.b)
-        if noisy:
-            for j, r, col in self.natural_pos:
-                view = o6[:, r, :, col]
-                np.add(view, ws.b[j].reshape(n, bh, bw, c), out=view, casting="unsafe")
+        n = i1 - i0
+        ws = _workspace((t, n, d), x.dtype)
+        # Gather: one strided copy to (t, n, d) in natural order, then whole slabs in slot order.
+        blocks = to_slabs(x[i0:i1], p, ws.g)
+        if self.permuted:
+            np.take(ws.g, self.src, axis=0, out=ws.g2)
+            blocks = ws.g2
+        if self.mats is not None:
+            if blocks.dtype != np.float32:
+                np.copyto(ws.a, blocks, casting="unsafe")
+                blocks = ws.a
+            np.matmul(blocks, self.mats, out=ws.b)
+            blocks = ws.b
+        o = out[i0:i1]
+        o_t = image_view(o, p)
+        b6 = slab_view(blocks, p)
+        if noise_fn is not None and noise_scale:
+            # The noise goes straight into the output; the blocks are then added onto it.
+            u = noise_fn(i0, n).reshape(o.shape)
+            np.multiply(u, np.float32(noise_scale), out=o, casting="unsafe")
+            np.add(o_t, b6, out=o_t, casting="unsafe")
         else:
-            scatter(ws.b, self.natural_pos, o6)
+            np.copyto(o_t, b6, casting="unsafe")
+
+
+class AESPlan:
+    """perm and/or aes: gather uint8 blocks, encrypt each position's rows, place them in slot order."""
+
+    def __init__(self, params: KeyParams, perm: np.ndarray | None, keys: tuple[bytes, ...]):
+        self.params = params
+        self.src = perm if perm is not None else np.arange(params.positions)
+        self.keys = keys
+
+    def run(self, x: np.ndarray, out: np.ndarray) -> None:
+        _run_chunks(self._chunk, x, out, chunk_images(self.params))
+
+    def _chunk(self, x, out, i0, i1):
+        from .mechanisms import aes_rows
+
+        p = self.params
+        t, d = p.positions, p.block_size
+        n = i1 - i0
+        ws = _workspace((t, n, d), np.uint8)
+        to_slabs(x[i0:i1], p, ws.g)
+        if len(self.keys) == 1 and d % 16 == 0:
+            ws.g2[...] = aes_rows(ws.g.reshape(t * n, d), self.keys[0]).reshape(t, n, d)
+        else:
+            for i in range(t):
+                ws.g2[i] = aes_rows(ws.g[i], self.keys[0] if len(self.keys) == 1 else self.keys[i])
+        np.take(ws.g2, self.src, axis=0, out=ws.g)
+        np.copyto(image_view(out[i0:i1], p), slab_view(ws.g, p), casting="unsafe")
+
+
+def _run_chunks(fn, x, out, step, *args) -> None:
+    """fn(x, out, i0, i1, *args) over chunks of ``step`` images, on the thread pool when there are several."""
+    n_all = x.shape[0]
+    starts = list(range(0, n_all, step))
+    if len(starts) <= 1:
+        for s in starts:
+            fn(x, out, s, min(n_all, s + step), *args)
+        return
+    futures = [_pool().submit(fn, x, out, s, min(n_all, s + step), *args) for s in starts]
+    for f in futures:
+        f.result()
 
 
 class _Workspace(threading.local):
     """Per-thread scratch buffers, reused from chunk to chunk (fresh memory is slow to touch)."""
 
-    shape = None
-    a = b = None
+    size = 0
+    dtype = None
+    flat: dict = {}
 
 
 _WS = _Workspace()
 
 
-def _workspace(shape) -> _Workspace:
-    ws = _WS
-    if ws.shape != shape:
-        ws.a = np.empty(shape, dtype=np.float32)
-        ws.b = np.empty(shape, dtype=np.float32)
-        ws.shape = shape
-    return ws
+class _Views:
+    def __init__(self, shape, gdt):
+        ws = _WS
+        size = int(np.prod(shape))
+        if ws.size < size or ws.dtype != gdt:
+            ws.flat = {
+                "g": np.empty(size, gdt),
+                "g2": np.empty(size, gdt),
+                "a": np.empty(size, np.float32),
+                "b": np.empty(size, np.float32),
+            }
+            ws.size, ws.dtype = size, gdt
+        for name, buf in ws.flat.items():
+            setattr(self, name, buf[:size].reshape(shape))
 
 
-def invert_linear(y: np.ndarray, params: KeyParams, perm: np.ndarray | None, inv_mats: np.ndarray | None,
-                  noise_mean: float) -> np.ndarray:
+def _workspace(shape, dtype) -> _Views:
+    return _Views(shape, np.uint8 if dtype == np.uint8 else np.float32)
+
+
+def invert_linear(
+    y: np.ndarray, params: KeyParams, perm: np.ndarray | None, inv_mats: np.ndarray | None, noise_mean: float
+) -> np.ndarray:
     """The owner's inverse: subtract the noise mean, undo the matrices and the permutation (float64)."""
-    n = y.shape[0]
-    h, w, c = params.shape
-    bh, bw = params.block
-    gh, gw = params.grid
     t, d = params.positions, params.block_size
+    n = y.shape[0]
     src = perm if perm is not None else np.arange(t)
-    y6 = (y.astype(np.float64) - noise_mean).reshape(n, gh, bh, gw, bw, c)
-    buf = np.empty((t, n, d), dtype=np.float64)
-    gather(y6, _positions(np.arange(t), gw), buf)  # slot j: output position j
+    z = to_slabs(y, params, np.empty((t, n, d), dtype=np.float64))  # slot j = output position j
+    z -= noise_mean
     if inv_mats is not None:
-        buf = np.matmul(buf, inv_mats[src])
-    out = np.empty((n, h, w, c), dtype=np.float64)
-    scatter(buf, _positions(src, gw), out.reshape(n, gh, bh, gw, bw, c))  # back to position src[j]
+        z = np.matmul(z, inv_mats[src])
+    natural = np.take(z, np.argsort(src), axis=0)  # slot j came from original position src[j]
+    out = np.empty(y.shape, dtype=np.float64)
+    np.copyto(image_view(out, params), slab_view(natural, params))
     return out

@@ -23,7 +23,8 @@ def check_values_torch(x: torch.Tensor, what: str, need_bytes: bool) -> None:
     if x.dtype == torch.uint8:
         return
     if x.dtype == torch.bool or x.dtype.is_complex:
-        raise InputError(f"{what}: dtype {str(x.dtype).replace('torch.', '')} is not supported; use uint8 or float pixel values in 0..255")
+        name = str(x.dtype).replace("torch.", "")
+        raise InputError(f"{what}: dtype {name} is not supported; use uint8 or float pixel values in 0..255")
     if x.numel() == 0:
         return
     xf = x.float() if not x.dtype.is_floating_point else x
@@ -32,8 +33,10 @@ def check_values_torch(x: torch.Tensor, what: str, need_bytes: bool) -> None:
     if not (np.isfinite(lo) and np.isfinite(hi)) or bool(torch.isnan(xf).any()):
         raise InputError(f"{what}: the images contain NaN or infinite values")
     if lo < 0 or hi > 255:
-        raise InputError(f"{what}: values must lie in 0..255, found {lo:g}..{hi:g}",
-                         hint="pass raw pixel values (not values scaled to 0..1 or normalised)")
+        raise InputError(
+            f"{what}: values must lie in 0..255, found {lo:g}..{hi:g}",
+            hint="pass raw pixel values (not values scaled to 0..1 or normalised)",
+        )
     if need_bytes and x.dtype.is_floating_point and not bool((x == torch.round(x)).all()):
         raise InputError(f"{what}: aes encrypts bytes, so pixel values must be whole numbers")
 

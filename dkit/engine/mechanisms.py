@@ -83,8 +83,15 @@ class RMT(Mechanism):
 
     name = "rmt"
 
-    def __init__(self, matrices: np.ndarray, channels: str, block: tuple[int, int], c: int, noise: float,
-                 kind: str = "orthogonal"):
+    def __init__(
+        self,
+        matrices: np.ndarray,
+        channels: str,
+        block: tuple[int, int],
+        c: int,
+        noise: float,
+        kind: str = "orthogonal",
+    ):
         self.matrices = block_matrices(np.asarray(matrices, dtype=np.float64), channels, block, c)
         self.kind = kind
         self.noise = float(noise)
@@ -130,10 +137,10 @@ def aes_rows(rows: np.ndarray, key: bytes, *, decrypt: bool = False) -> np.ndarr
     if not decrypt:
         out[:, :full] = ecb(out[:, :full])
         if full != d:
-            out[:, d - AES_BLOCK_BYTES:] = ecb(out[:, d - AES_BLOCK_BYTES:])
+            out[:, d - AES_BLOCK_BYTES :] = ecb(out[:, d - AES_BLOCK_BYTES :])
     else:
         if full != d:
-            out[:, d - AES_BLOCK_BYTES:] = ecb(out[:, d - AES_BLOCK_BYTES:])
+            out[:, d - AES_BLOCK_BYTES :] = ecb(out[:, d - AES_BLOCK_BYTES :])
         out[:, :full] = ecb(out[:, :full])
     return out
 

@@ -43,7 +43,7 @@ class RandomSource:
         self._keys: dict[str, bytes] = {}
 
     @classmethod
-    def fixed(cls, value: int | bytes) -> "RandomSource":
+    def fixed(cls, value: int | bytes) -> RandomSource:
         """Deterministic randomness, for tests and golden vectors only."""
         if isinstance(value, int):
             value = value.to_bytes(32, "little")
@@ -58,8 +58,7 @@ class RandomSource:
     def _key(self, label: str) -> bytes:
         key = self._keys.get(label)
         if key is None:
-            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT,
-                       info=label.encode("ascii")).derive(self._root)
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=label.encode("ascii")).derive(self._root)
             self._keys[label] = key
         return key
 

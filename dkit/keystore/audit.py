@@ -70,7 +70,9 @@ def read(path: Path, head: dict | None) -> tuple[list[dict], list[ChainProblem]]
         if entry.get("hash") != entry_hash(entry):
             problems.append(ChainProblem(i, "its content does not match its hash (the line was edited)"))
         elif prev is not None and entry.get("prev") != prev:
-            problems.append(ChainProblem(i, f"its link does not match line {i - 1} (a line before it was changed or removed)"))
+            problems.append(
+                ChainProblem(i, f"its link does not match line {i - 1} (a line before it was changed or removed)")
+            )
         prev = entry.get("hash")
         entries.append(entry)
         by_line[i] = entry
@@ -78,7 +80,11 @@ def read(path: Path, head: dict | None) -> tuple[list[dict], list[ChainProblem]]
     if head:
         hn = head.get("n", 0)
         if count < hn:
-            problems.append(ChainProblem(count + 1, f"the log ends at line {count} but the store recorded {hn} lines (lines cut off)"))
+            problems.append(
+                ChainProblem(
+                    count + 1, f"the log ends at line {count} but the store recorded {hn} lines (lines cut off)"
+                )
+            )
         elif hn > 0:
             at = by_line.get(hn)
             if at is None or at.get("hash") != head.get("hash"):

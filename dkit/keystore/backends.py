@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ..errors import PassphraseError, SecretBackendError, StoreCorrupt
 from ..home import atomic_write
@@ -106,7 +107,7 @@ class KeyringBackend:
         if not text.startswith(KEYRING_PREFIX):
             raise StoreCorrupt(f"the keyring entry for {label.split('/', 1)[-1]} was not written by dkit")
         try:
-            return Seed(sealed.b64d(text[len(KEYRING_PREFIX):]))
+            return Seed(sealed.b64d(text[len(KEYRING_PREFIX) :]))
         except ValueError:
             raise StoreCorrupt(f"the keyring entry for {label.split('/', 1)[-1]} is malformed") from None
 
@@ -155,8 +156,9 @@ class FileBackend:
             if doc.get("format") != "dkit-file-store":
                 raise ValueError("not a dkit file store")
             if doc.get("version") != 1:
-                raise StoreCorrupt(f"{self.path}: file store version {doc.get('version')} is newer "
-                                   "than this dkit; upgrade dkit")
+                raise StoreCorrupt(
+                    f"{self.path}: file store version {doc.get('version')} is newer than this dkit; upgrade dkit"
+                )
             doc["kdf"], doc["check"], doc["entries"]  # noqa: B018 - presence check
             return doc
         except StoreCorrupt:
@@ -169,8 +171,13 @@ class FileBackend:
             phrase = sealed.check_passphrase(self._passphrase(), new=True)
             kdf = sealed.new_kdf()
             key = sealed.kdf_key(phrase, kdf)
-            doc = {"format": "dkit-file-store", "version": 1, "kdf": kdf,
-                   "check": sealed.encrypt(key, self._CHECK, b"check"), "entries": {}}
+            doc = {
+                "format": "dkit-file-store",
+                "version": 1,
+                "kdf": kdf,
+                "check": sealed.encrypt(key, self._CHECK, b"check"),
+                "entries": {},
+            }
             self._key = key
             return key, doc
         if self._key is None:

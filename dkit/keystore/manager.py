@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -24,7 +24,6 @@ from ..derive import KeyMaterial, derive, key_id
 from ..errors import (
     DkitError,
     KeyExists,
-    KeyNotFound,
     KeyStateError,
     ParameterError,
     SecretBackendError,
@@ -191,8 +190,13 @@ class Keystore:
         self.backend.set(self._label(state, name, number), seed)
         now = self._now()
         return VersionRecord(
-            version=number, status="enabled", created=now, key_id=key_id(seed, params),
-            params=params, secret_store=self.backend.name, changed=now,
+            version=number,
+            status="enabled",
+            created=now,
+            key_id=key_id(seed, params),
+            params=params,
+            secret_store=self.backend.name,
+            changed=now,
         )
 
     # -- reading ----------------------------------------------------------------------------
@@ -248,6 +252,7 @@ class Keystore:
             if rec.primary == v.version:
                 return rec, v
             return KeyRecord(rec.name, rec.created, v.version, rec.versions), v
+
         return self._set_status(ref, "promote", change)
 
     def disable(self, ref: str) -> VersionRecord:
@@ -263,6 +268,7 @@ class Keystore:
                 return rec, v
             nv = _with_status(v, "disabled", self._now())
             return rec.with_version(nv), nv
+
         return self._set_status(ref, "disable", change)
 
     def enable(self, ref: str) -> VersionRecord:
@@ -276,6 +282,7 @@ class Keystore:
                 return rec, v
             nv = _with_status(v, "enabled", self._now())
             return rec.with_version(nv), nv
+
         return self._set_status(ref, "enable", change)
 
     def destroy(self, ref: str) -> VersionRecord:
@@ -291,6 +298,7 @@ class Keystore:
             self.backend.delete(self._label(state, rec.name, v.version))
             nv = _with_status(v, "destroyed", self._now())
             return rec.with_version(nv), nv
+
         return self._set_status(ref, "destroy", change)
 
     # -- use --------------------------------------------------------------------------------
@@ -301,8 +309,11 @@ class Keystore:
         rec = state.get(name)
         v = rec.version(number)
         if v.status != "enabled":
-            hint = (f"enable it with dkit keys enable {name}@{v.version}" if v.status == "disabled"
-                    else "its secret is gone; restore it from a backup with dkit keys import FILE")
+            hint = (
+                f"enable it with dkit keys enable {name}@{v.version}"
+                if v.status == "disabled"
+                else "its secret is gone; restore it from a backup with dkit keys import FILE"
+            )
             raise KeyStateError(f"key {name}@{v.version} is {v.status} and cannot be used", hint=hint)
         self._check_store(v, name)
         seed = self.backend.get(self._label(state, name, v.version))
@@ -359,8 +370,9 @@ class Keystore:
                     self.backend.set(self._label(state, target, v.version), seeds[v.version])
                     restored.append(v.version)
                 if mine is None or mine.secret_store != self.backend.name and status != "destroyed":
-                    nv = VersionRecord(v.version, status, v.created, v.key_id, v.params,
-                                       self.backend.name, (mine or v).changed)
+                    nv = VersionRecord(
+                        v.version, status, v.created, v.key_id, v.params, self.backend.name, (mine or v).changed
+                    )
                     merged = merged.with_version(nv)
             state.keys[target] = merged
             self._log(state, "import", target, None, versions=restored)
@@ -373,8 +385,9 @@ class Keystore:
             entries, problems = audit.read(self._log_path, state.audit_head)
         report.lines = len(entries)
         for p in problems:
-            report.findings.append({"kind": "chain", "line": p.line,
-                                    "message": f"{audit.LOG_NAME} line {p.line}: {p.problem}"})
+            report.findings.append(
+                {"kind": "chain", "line": p.line, "message": f"{audit.LOG_NAME} line {p.line}: {p.problem}"}
+            )
         now = self._clock()
         uses: dict[tuple[str, int], list[tuple[int, dict]]] = {}
         for line, e in enumerate(entries, start=1):
@@ -384,53 +397,93 @@ class Keystore:
             for v in rec.versions:
                 age = now - parse_time(v.created)
                 vuses = uses.get((name, v.version), [])
-                report.versions.append({
-                    "key": name, "version": v.version, "status": v.status,
-                    "primary": rec.primary == v.version, "created": v.created,
-                    "age_days": round(age.total_seconds() / 86400, 2), "key_id": v.key_id,
-                    "uses": len(vuses),
-                    "use_actions": sorted({u.get("data", {}).get("action", "?") for _, u in vuses}),
-                })
+                report.versions.append(
+                    {
+                        "key": name,
+                        "version": v.version,
+                        "status": v.status,
+                        "primary": rec.primary == v.version,
+                        "created": v.created,
+                        "age_days": round(age.total_seconds() / 86400, 2),
+                        "key_id": v.key_id,
+                        "uses": len(vuses),
+                        "use_actions": sorted({u.get("data", {}).get("action", "?") for _, u in vuses}),
+                    }
+                )
                 ref = f"{name}@{v.version}"
                 if max_age is not None and v.status == "enabled" and age > max_age:
-                    report.findings.append({
-                        "kind": "age", "key": name, "version": v.version,
-                        "message": f"{ref} is {age.days} days old, older than the policy's {max_age.days} days"
-                        + (" (rotate the key)" if rec.primary == v.version else " (disable or destroy it)"),
-                    })
+                    report.findings.append(
+                        {
+                            "kind": "age",
+                            "key": name,
+                            "version": v.version,
+                            "message": f"{ref} is {age.days} days old, older than the policy's {max_age.days} days"
+                            + (" (rotate the key)" if rec.primary == v.version else " (disable or destroy it)"),
+                        }
+                    )
                 if v.status != "destroyed":
                     try:
-                        missing = v.secret_store == self.backend.name and self.backend.get(
-                            self._label(state, name, v.version)) is None
+                        missing = (
+                            v.secret_store == self.backend.name
+                            and self.backend.get(self._label(state, name, v.version)) is None
+                        )
                         other = v.secret_store != self.backend.name
                     except DkitError as e:
                         missing, other = False, False
-                        report.findings.append({"kind": "secret-store", "key": name, "version": v.version,
-                                                "message": f"{ref}: cannot check its secret ({e.message})"})
+                        report.findings.append(
+                            {
+                                "kind": "secret-store",
+                                "key": name,
+                                "version": v.version,
+                                "message": f"{ref}: cannot check its secret ({e.message})",
+                            }
+                        )
                     if missing:
-                        report.findings.append({"kind": "missing-secret", "key": name, "version": v.version,
-                                                "message": f"{ref} is {v.status} but its secret is missing "
-                                                f"from the {self.backend.name} store"})
+                        report.findings.append(
+                            {
+                                "kind": "missing-secret",
+                                "key": name,
+                                "version": v.version,
+                                "message": f"{ref} is {v.status} but its secret is missing "
+                                f"from the {self.backend.name} store",
+                            }
+                        )
                     if other:
-                        report.findings.append({"kind": "secret-store", "key": name, "version": v.version,
-                                                "message": f"{ref}: its secret is in the {v.secret_store} store, "
-                                                f"not checked with DKIT_KEYSTORE={self.backend.name}"})
+                        report.findings.append(
+                            {
+                                "kind": "secret-store",
+                                "key": name,
+                                "version": v.version,
+                                "message": f"{ref}: its secret is in the {v.secret_store} store, "
+                                f"not checked with DKIT_KEYSTORE={self.backend.name}",
+                            }
+                        )
                 for n, u in vuses:
                     action = u.get("data", {}).get("action")
                     if action != "disguise":
                         continue
                     if v.status != "enabled":
-                        report.findings.append({
-                            "kind": "disabled-artifact", "key": name, "version": v.version, "line": n,
-                            "message": f"{audit.LOG_NAME} line {n}: data disguised with {ref}, which is now "
-                            f"{v.status}; models trained on it cannot predict",
-                        })
+                        report.findings.append(
+                            {
+                                "kind": "disabled-artifact",
+                                "key": name,
+                                "version": v.version,
+                                "line": n,
+                                "message": f"{audit.LOG_NAME} line {n}: data disguised with {ref}, which is now "
+                                f"{v.status}; models trained on it cannot predict",
+                            }
+                        )
                     elif not u.get("data", {}).get("primary", True):
-                        report.findings.append({
-                            "kind": "non-primary-artifact", "key": name, "version": v.version, "line": n,
-                            "message": f"{audit.LOG_NAME} line {n}: data disguised with {ref}, which was not "
-                            "the primary version at the time",
-                        })
+                        report.findings.append(
+                            {
+                                "kind": "non-primary-artifact",
+                                "key": name,
+                                "version": v.version,
+                                "line": n,
+                                "message": f"{audit.LOG_NAME} line {n}: data disguised with {ref}, which was not "
+                                "the primary version at the time",
+                            }
+                        )
         return report
 
 

@@ -81,7 +81,7 @@ class VersionRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VersionRecord":
+    def from_dict(cls, d: dict) -> VersionRecord:
         v = cls(
             version=int(d["version"]),
             status=str(d["status"]),
@@ -118,7 +118,7 @@ class KeyRecord:
     def latest(self) -> int:
         return max(v.version for v in self.versions)
 
-    def with_version(self, new: VersionRecord) -> "KeyRecord":
+    def with_version(self, new: VersionRecord) -> KeyRecord:
         others = tuple(v for v in self.versions if v.version != new.version)
         return replace(self, versions=tuple(sorted(others + (new,), key=lambda v: v.version)))
 
@@ -131,13 +131,12 @@ class KeyRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KeyRecord":
+    def from_dict(cls, d: dict) -> KeyRecord:
         rec = cls(
             name=check_name(d["name"]),
             created=str(d["created"]),
             primary=int(d["primary"]),
-            versions=tuple(sorted((VersionRecord.from_dict(v) for v in d["versions"]),
-                                  key=lambda v: v.version)),
+            versions=tuple(sorted((VersionRecord.from_dict(v) for v in d["versions"]), key=lambda v: v.version)),
         )
         rec.version(rec.primary)  # the primary must exist
         return rec
@@ -152,7 +151,7 @@ class StoreState:
     audit_head: dict | None
 
     @classmethod
-    def new(cls) -> "StoreState":
+    def new(cls) -> StoreState:
         return cls(store_id=secrets.token_hex(8), keys={}, audit_head=None)
 
     def get(self, name: str) -> KeyRecord:
@@ -178,8 +177,10 @@ def load_state(path: Path) -> StoreState:
     try:
         doc = json.loads(path.read_bytes())
     except ValueError:
-        raise StoreCorrupt(f"{path}: not valid JSON (the key record store is damaged)",
-                           hint="restore it from a backup, or re-import your key backups into a new DKIT_HOME") from None
+        raise StoreCorrupt(
+            f"{path}: not valid JSON (the key record store is damaged)",
+            hint="restore it from a backup, or re-import your key backups into a new DKIT_HOME",
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
         raise StoreCorrupt(f"{path}: not a dkit key record store")
     if doc.get("version") != STORE_VERSION:
@@ -194,8 +195,10 @@ def load_state(path: Path) -> StoreState:
             raise ValueError("malformed audit head")
         return StoreState(store_id=str(doc["store_id"]), keys=keys, audit_head=head)
     except (KeyError, TypeError, ValueError, AttributeError, ParameterError, KeyNotFound) as e:
-        raise StoreCorrupt(f"{path}: the key record store is damaged ({e})",
-                           hint="restore it from a backup, or re-import your key backups into a new DKIT_HOME") from None
+        raise StoreCorrupt(
+            f"{path}: the key record store is damaged ({e})",
+            hint="restore it from a backup, or re-import your key backups into a new DKIT_HOME",
+        ) from None
 
 
 def save_state(path: Path, state: StoreState) -> None:

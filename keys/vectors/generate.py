@@ -25,9 +25,16 @@ def seed_of(text: str) -> bytes:
 CASES = [
     ("tiny-orthogonal-joint", bytes(range(32)), dict(shape="8x8x1", block="4", pipeline="perm,rmt", noise=0)),
     ("cifar-perm-rmt-joint", seed_of("dkit golden 2"), dict(shape="32x32x3", block="4", pipeline="perm,rmt", noise=25)),
-    ("mnist-rmt-projection-shared", seed_of("dkit golden 3"),
-     dict(shape="28x28x1", block="7", pipeline="rmt", rmt_kind="projection", channels="shared", noise=100)),
-    ("cifar-rmt-shared-2x2", seed_of("dkit golden 4"), dict(shape="32x32x3", block="2", pipeline="perm,rmt", channels="shared")),
+    (
+        "mnist-rmt-projection-shared",
+        seed_of("dkit golden 3"),
+        dict(shape="28x28x1", block="7", pipeline="rmt", rmt_kind="projection", channels="shared", noise=100),
+    ),
+    (
+        "cifar-rmt-shared-2x2",
+        seed_of("dkit golden 4"),
+        dict(shape="32x32x3", block="2", pipeline="perm,rmt", channels="shared"),
+    ),
     ("cifar-perm-aes-per-block", seed_of("dkit golden 5"), dict(shape="32x32x3", block="4", pipeline="perm,aes")),
     ("mnist-aes-shared", seed_of("dkit golden 6"), dict(shape="28x28", block="7", pipeline="aes", aes_keys="shared")),
     ("cifar-perm-only-2x2", seed_of("dkit golden 7"), dict(shape="32x32x3", block="2", pipeline="perm")),
@@ -39,8 +46,13 @@ CASES = [
 def case(name, seed_bytes, kw):
     seed = Seed(seed_bytes)
     p = KeyParams.create(**kw)
-    out = {"name": name, "seed": seed_bytes.hex(), "params": p.to_dict(),
-           "canonical_params": p.canonical().decode(), "key_id": key_id(seed, p)}
+    out = {
+        "name": name,
+        "seed": seed_bytes.hex(),
+        "params": p.to_dict(),
+        "canonical_params": p.canonical().decode(),
+        "key_id": key_id(seed, p),
+    }
     if p.has("perm"):
         perm = permutation(seed, p.positions)
         out["perm"] = perm.tolist()

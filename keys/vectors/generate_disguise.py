@@ -50,15 +50,25 @@ def case(i, name, kw):
     params = KeyParams.create(**kw)
     d = Disguise.from_key(derive(Seed(seed), params))
     x = images(3, params.shape, name)
-    out = {"name": name, "seed": seed.hex(), "random_root": RANDOM_ROOT.hex(), "params": params.to_dict(),
-           "key_id": d.key_id, "input_uint8_hex": x.tobytes().hex()}
+    out = {
+        "name": name,
+        "seed": seed.hex(),
+        "random_root": RANDOM_ROOT.hex(),
+        "params": params.to_dict(),
+        "key_id": d.key_id,
+        "input_uint8_hex": x.tobytes().hex(),
+    }
     if params.has("instahide"):
         labels = np.array([0, 2, 1])
         pool = images(5, params.shape, name + "/public") if params.mix == "cross" else None
         enc, soft = d.encode(x, labels, num_classes=3, encodings=2, pool=pool, rng=RandomSource.fixed(RANDOM_ROOT))
-        out.update(labels=labels.tolist(), encodings=2, num_classes=3,
-                   output=np.round(enc.astype(np.float64), 6).ravel().tolist(),
-                   soft_labels=np.round(soft.astype(np.float64), 7).ravel().tolist())
+        out.update(
+            labels=labels.tolist(),
+            encodings=2,
+            num_classes=3,
+            output=np.round(enc.astype(np.float64), 6).ravel().tolist(),
+            soft_labels=np.round(soft.astype(np.float64), 7).ravel().tolist(),
+        )
         if pool is not None:
             out["public_uint8_hex"] = pool.tobytes().hex()
         return out
