@@ -148,6 +148,7 @@ class KeyMaterial:
     perm: np.ndarray | None
     matrices: np.ndarray | None
     aes: tuple[bytes, ...] | None
+    source_key: bytes  # keys the hashes of source file names stored in datasets (section 6)
 
     def __repr__(self) -> str:
         return f"KeyMaterial(key_id={self.key_id!r}, <redacted>)"
@@ -165,4 +166,10 @@ def derive(seed: Seed, params: KeyParams) -> KeyMaterial:
         perm.setflags(write=False)
     if mats is not None:
         mats.setflags(write=False)
-    return KeyMaterial(params=params, key_id=key_id(seed, params), perm=perm, matrices=mats, aes=aes)
+    return KeyMaterial(params=params, key_id=key_id(seed, params), perm=perm, matrices=mats, aes=aes,
+                       source_key=subkey(seed, "source-id"))
+
+
+def source_id(material: KeyMaterial, name: str) -> bytes:
+    """The keyed hash of a source item's name: HMAC-SHA256(subkey "source-id", UTF-8 name)[0:16]."""
+    return hmac.new(material.source_key, name.encode("utf-8"), hashlib.sha256).digest()[:16]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from . import data
 from .common import App, out
 from .keys import keygen, keys_app
 
@@ -27,6 +28,11 @@ def root(
 
 app.command("keygen")(keygen)
 app.add_typer(keys_app, name="keys")
+app.command("disguise")(data.disguise)
+app.command("inspect")(data.inspect_cmd)
+app.command("verify")(data.verify_cmd)
+app.command("merge")(data.merge_cmd)
+app.command("preview")(data.preview_cmd)
 
 
 @app.command("demo")

@@ -1,0 +1,23 @@
+"""Data in and out: sources (image folders, arrays, torchvision), the disguised HDF5 container,
+the streaming disguise run, shard merging, previews, and a torch Dataset for training."""
+
+from .dataset import DisguisedDataset
+from .h5format import Meta, inspect, verify
+from .merge import merge
+from .run import Options, Report, disguise_source, parse_shard
+from .sources import Source, TorchvisionSource, open_source
+
+__all__ = [
+    "DisguisedDataset",
+    "Meta",
+    "Options",
+    "Report",
+    "Source",
+    "TorchvisionSource",
+    "disguise_source",
+    "inspect",
+    "merge",
+    "open_source",
+    "parse_shard",
+    "verify",
+]

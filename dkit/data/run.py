@@ -1,0 +1,303 @@
+"""``dkit disguise``: a source to a disguised HDF5 dataset, streaming, resumable and sharded.
+
+Items are decoded in batches by a pool of threads while the previous batch is disguised and
+written, so memory stays bounded (two batches) whatever the size of the set. After each batch the
+file records how far it got; ``resume`` continues from there. The randomness of item ``i`` of the
+listing is addressed by ``i`` (see ``engine.randomness``), so a resumed or sharded run draws what
+one uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..derive import source_id
+from ..engine import Disguise, RandomSource
+from ..errors import InputError
+from ..keystore import LoadedKey
+from ..keystore.records import fmt_time, utcnow
+from . import h5format
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, Policy, warm
+from .sources import Source
+
+BATCH = 2048
+
+
+@dataclass
+class Options:
+    fit: str = "none"
+    convert: bool = True
+    on_error: str = "fail"  # fail | skip
+    workers: int | None = None
+    dtype: str = "float32"
+    withhold_classes: bool = False
+    encodings: int = 1  # InstaHide: encodings per image
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shard: tuple[int, int] | None = None  # (index, count)
+    batch: int = BATCH
+
+    def public(self) -> dict:
+        """What a file records of the options (all public; the ones that shape its rows)."""
+        return {"fit": self.fit, "convert": self.convert, "dtype": self.dtype, "encodings": self.encodings,
+                "withhold_classes": self.withhold_classes}
+
+
+@dataclass
+class Report:
+    out: str
+    rows: int = 0
+    images: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    conversions: Counter = field(default_factory=Counter)
+    ignored: int = 0
+    seconds: dict = field(default_factory=lambda: {"decode": 0.0, "disguise": 0.0, "write": 0.0, "total": 0.0})
+    resumed_from: int = 0
+
+    def to_dict(self) -> dict:
+        total = self.seconds["total"] or 1e-9
+        return {
+            "output": self.out, "rows": self.rows, "images": self.images, "skipped": len(self.skipped),
+            "skipped_problems": dict(Counter(p for _, p in self.skipped)), "conversions": dict(self.conversions),
+            "ignored_files": self.ignored, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "images_per_second": round((self.images - self.resumed_from) / total, 1),
+            "resumed_from_source": self.resumed_from,
+        }
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise InputError(f"malformed shard {text!r}: expected I/N such as 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise InputError(f"shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def _listing_id(d: Disguise, source: Source) -> str:
+    return hmac.new(d.material.source_key, source.listing_digest(), "sha256").hexdigest()[:32]
+
+
+def _class_info(source: Source, options: Options) -> tuple[int, list[str] | None]:
+    if source.labels is None:
+        return 0, None
+    n = len(source.classes) if source.classes else int(source.labels.max()) + 1
+    return n, (None if options.withhold_classes else source.classes)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch k decodes listing positions [starts[k], starts[k] + batch). Failures come back as data."""
+
+    def __init__(self, source: Source, policy: Policy, starts: list[int], end: int, batch: int):
+        self.source, self.policy, self.starts, self.end, self.batch = source, policy, starts, end, batch
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, k: int):
+        t0 = time.perf_counter()
+        positions = np.arange(self.starts[k], min(self.end, self.starts[k] + self.batch))
+        out = np.empty((len(positions),) + self.policy.shape, dtype=np.uint8)
+        ok = np.zeros(len(positions), dtype=bool)
+        errors, notes = [], Counter()
+        for j, pos in enumerate(positions):
+            try:
+                img, note = self.source.load(int(pos), self.policy)
+                out[j] = img
+                ok[j] = True
+                notes.update(note)
+            except DecodeError as e:
+                errors.append((j, e.name, e.problem, e.hint))
+        return positions, out, ok, errors, notes, time.perf_counter() - t0
+
+
+def _batches(source: Source, policy: Policy, starts: list[int], end: int, batch: int, workers: int):
+    """Decoded batches in order. ``workers`` > 0 decodes in that many processes (torch's DataLoader),
+    ahead of the consumer; 0 decodes in this process."""
+    ds = _Batches(source, policy, starts, end, batch)
+    warm()
+    if workers <= 0 or len(starts) <= 1:
+        return (ds[k] for k in range(len(ds)))
+    ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=min(workers, len(starts)),
+                                            collate_fn=_identity, prefetch_factor=2, multiprocessing_context=ctx))
+
+
+def _identity(x):
+    return x
+
+
+def disguise_source(
+    source: Source,
+    out: str | Path,
+    key: LoadedKey,
+    options: Options | None = None,
+    *,
+    rng: RandomSource | None = None,
+    resume: bool = False,
+    force: bool = False,
+    public: Source | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Disguise every item of ``source`` with ``key`` into the HDF5 file ``out``."""
+    options = options or Options()
+    out = Path(out)
+    partial = h5format.partial_path(out)
+    if options.on_error not in ("fail", "skip"):
+        raise InputError(f"unknown --on-error {options.on_error!r}: choose fail or skip")
+    if out.exists() and not force:
+        raise InputError(f"{out} exists", hint="use --force to overwrite it")
+    if partial.exists() and not (resume or force):
+        raise InputError(f"{partial} holds an interrupted run",
+                         hint="rerun with --resume to continue it, or --force to start over")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: no such folder")
+    if force:
+        for p in (partial,):
+            if p.exists():
+                p.unlink()
+    d = Disguise.from_key(key)
+    params = key.params
+    if d.instahide is not None and source.labels is None and params.mix == "inside":
+        pass  # unlabelled InstaHide is allowed: no labels are written
+    if d.instahide is None and options.encodings != 1:
+        raise InputError("--encodings applies to instahide keys only")
+    if d.instahide is not None and params.mix == "cross" and public is None and params.k > 1:
+        raise InputError("this key mixes with a public image set (instahide cross): pass --public SRC")
+    policy = Policy(params.shape, convert=options.convert, fit=options.fit, max_pixels=options.max_pixels)
+    n_all = len(source)
+    first, end = 0, n_all
+    if options.shard:
+        i, n = options.shard
+        first, end = i * n_all // n, (i + 1) * n_all // n
+    num_classes, class_names = _class_info(source, options)
+    label_kind = "none" if source.labels is None else ("soft" if d.instahide is not None else "hard")
+    meta = h5format.Meta(
+        key_id=key.key_id, key_version=key.version, params=params, label_kind=label_kind,
+        num_classes=num_classes, class_names=class_names, encodings=options.encodings, dtype=options.dtype,
+        options=options.public(), listing_id=_listing_id(d, source), source_count=end - first,
+        shard=(options.shard[0], options.shard[1], first, end) if options.shard else None, created=fmt_time(utcnow()),
+    )
+    report = Report(out=str(out), ignored=len(source.ignored))
+    pos, rows, skipped = first, 0, 0
+    if resume and partial.exists():
+        writer = _reopen(partial, out, meta)
+        pos, rows, skipped = writer.meta.progress_sources, writer.rows, writer.meta.source_skipped
+        report.resumed_from = pos - first
+        report.images = pos - first - skipped
+    else:
+        writer = h5format.Writer(out, meta, resume=False)
+    rng = rng or RandomSource()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cpus if options.workers is None else max(0, options.workers)
+    pool_images = pool_labels = None
+    t_start = time.perf_counter()
+    try:
+        if d.instahide is not None and params.k > 1:
+            pool_images, pool_labels = _instahide_pool(d, source, public, policy, workers, options.batch)
+        batch = max(writer.chunk, options.batch // writer.chunk * writer.chunk)
+        buf = None
+        for positions, imgs, ok, errors, notes, t_dec in _batches(source, policy, list(range(pos, end, batch)), end,
+                                                                  batch, workers):
+            report.seconds["decode"] += t_dec
+            report.conversions.update(notes)
+            if errors:
+                if options.on_error == "fail":
+                    _, name, problem, hint = errors[0]
+                    more = "or pass --on-error skip, then rerun with --resume to continue"
+                    raise DecodeError(name, problem, hint=f"{hint}; {more}" if hint else f"fix the file, {more}")
+                report.skipped += [(name, problem) for _, name, problem, _ in errors]
+                skipped += len(errors)
+            t0 = time.perf_counter()
+            out_rows, out_labels, out_ids = [], [], []
+            for run in _runs(ok):
+                p0, p1 = int(positions[run[0]]), int(positions[run[-1]]) + 1
+                x = imgs[run[0]:run[-1] + 1]
+                labels = source.labels[p0:p1] if source.labels is not None else None
+                names = source.names[p0:p1]
+                if d.instahide is not None:
+                    y, soft = d.encode(x, labels, num_classes=max(1, num_classes), encodings=options.encodings,
+                                       pool=pool_images, pool_labels=pool_labels, rng=rng, start=p0,
+                                       dtype=options.dtype)
+                    out_rows.append(y)
+                    out_labels.append(soft)
+                    out_ids += [source_id(d.material, nm) for nm in names for _ in range(options.encodings)]
+                else:
+                    if buf is None:
+                        buf = np.empty((batch,) + params.shape, dtype=options.dtype)
+                    k = sum(len(r) for r in out_rows)
+                    out_rows.append(d.apply(x, rng=rng, start=p0, dtype=options.dtype, out=buf[k:k + len(x)]))
+                    out_labels.append(labels)
+                    out_ids += [source_id(d.material, nm) for nm in names]
+            t1 = time.perf_counter()
+            report.seconds["disguise"] += t1 - t0
+            if out_rows:
+                y = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
+                lab = None if label_kind == "none" else (
+                    np.concatenate(out_labels) if len(out_labels) > 1 else out_labels[0])
+                writer.append(y, lab, np.asarray(out_ids, dtype=f"S{h5format.ID_BYTES}"))
+                rows += len(y)
+                report.images += int(ok.sum())
+            writer.commit(rows, int(positions[-1]) + 1, skipped)
+            report.seconds["write"] += time.perf_counter() - t1
+            if progress:
+                progress(int(positions[-1]) + 1 - first, end - first)
+        if rows == 0:
+            raise InputError(f"no image could be used: {skipped} of {end - first} skipped",
+                             hint="see the problems listed; nothing was written")
+        writer.finish()
+    except BaseException:
+        writer.close()
+        if rows == 0 and partial.exists() and not report.resumed_from:
+            partial.unlink()  # nothing worth resuming
+        raise
+    report.rows = rows
+    report.seconds["total"] = time.perf_counter() - t_start
+    return report
+
+
+def _runs(ok: np.ndarray) -> list[np.ndarray]:
+    """Index runs of consecutive True values."""
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    return np.split(idx, cuts)
+
+
+def _reopen(partial: Path, out: Path, meta: h5format.Meta) -> h5format.Writer:
+    try:
+        with h5format.open_h5(partial) as f:
+            old = h5format.read_meta(f, partial)
+            h5format.check_layout(f, old, partial)
+    except Exception as e:  # noqa: BLE001 - any damage means we cannot trust it
+        raise InputError(f"{partial}: cannot resume from it ({e})", hint="use --force to start over") from None
+    for name in ("key_id", "key_version", "params", "listing_id", "options", "label_kind", "num_classes",
+                 "class_names", "encodings", "dtype", "shard"):
+        if getattr(old, name) != getattr(meta, name):
+            raise InputError(f"{partial} was written with another {name.replace('_', ' ')}; it cannot be resumed "
+                             "with these settings", hint="use --force to start over")
+    w = h5format.Writer(out, old, resume=True)
+    return w
+
+
+def _instahide_pool(d: Disguise, source: Source, public: Source | None, policy: Policy, workers: int, batch: int):
+    """The images partners are drawn from (the private set, or the public set), decoded into memory."""
+    src = public if d.params.mix == "cross" else source
+    parts = list(_batches(src, policy, list(range(0, len(src), batch)), len(src), batch, workers))
+    for _, _, _, errors, _, _ in parts:
+        if errors:
+            _, name, problem, _ = errors[0]
+            raise DecodeError(name, problem + " (every image of the InstaHide mixing pool must decode)")
+    imgs = np.concatenate([p[1] for p in parts])
+    labels = src.labels if d.params.mix == "inside" else None
+    return imgs, labels
