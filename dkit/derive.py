@@ -166,8 +166,14 @@ def derive(seed: Seed, params: KeyParams) -> KeyMaterial:
         perm.setflags(write=False)
     if mats is not None:
         mats.setflags(write=False)
-    return KeyMaterial(params=params, key_id=key_id(seed, params), perm=perm, matrices=mats, aes=aes,
-                       source_key=subkey(seed, "source-id"))
+    return KeyMaterial(
+        params=params,
+        key_id=key_id(seed, params),
+        perm=perm,
+        matrices=mats,
+        aes=aes,
+        source_key=subkey(seed, "source-id"),
+    )
 
 
 def source_id(material: KeyMaterial, name: str) -> bytes:

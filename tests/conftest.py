@@ -66,3 +66,18 @@ def real_keyring_or_skip():
             pytest.fail(msg + "; CI must run these tests (see .ci/run)")
         pytest.skip(msg)
     return keyring.get_keyring()
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory):
+    """The 20k CIFAR-10 image folder from ../shared/data, unpacked once per session."""
+    from helpers import shared_archive
+
+    return shared_archive("cifar10-train-20k", tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def mnist_folder(tmp_path_factory):
+    from helpers import shared_archive
+
+    return shared_archive("mnist-10k", tmp_path_factory.mktemp("mnist"))

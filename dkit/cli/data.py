@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -27,22 +26,25 @@ class _Rate(ProgressColumn):
 
 
 def disguise(
-    src: str = typer.Argument(..., help="An image folder (class sub-folders or flat), a .npy/.npz file, "
-                              "or torchvision:NAME:ROOT[:train|test]."),
+    src: str = typer.Argument(
+        ...,
+        help="An image folder (class sub-folders or flat), a .npy/.npz file, or torchvision:NAME:ROOT[:train|test].",
+    ),
     output: Path = typer.Argument(..., help="The HDF5 file to write."),
     key: str = typer.Option(..., "--key", help="NAME or NAME@VERSION (default: the primary version)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output, or drop an interrupted run."),
     on_error: str = typer.Option("fail", "--on-error", help="What a bad image does: fail (stop) or skip (count it)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: one per CPU)."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="Write shard I of N (I/N); join them with dkit merge."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: one per CPU)."),
+    shard: str | None = typer.Option(None, "--shard", help="Write shard I of N (I/N); join them with dkit merge."),
     fit: str = typer.Option("none", "--fit", help="Sizes that differ from the key's: " + ", ".join(FITS) + "."),
-    convert: bool = typer.Option(True, "--convert/--no-convert",
-                                 help="Convert grey/RGB, alpha, 16-bit, palette and CMYK to the key's pixels."),
+    convert: bool = typer.Option(
+        True, "--convert/--no-convert", help="Convert grey/RGB, alpha, 16-bit, palette and CMYK to the key's pixels."
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, or float16 (half the bytes)."),
     withhold_classes: bool = typer.Option(False, "--withhold-classes", help="Do not store the class names."),
     encodings: int = typer.Option(1, "--encodings", help="InstaHide: encodings per image (T)."),
-    public: Optional[str] = typer.Option(None, "--public", help="InstaHide cross: the public image set to mix with."),
+    public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public image set to mix with."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (bombs)."),
     download: bool = typer.Option(False, "--download", help="Let a torchvision dataset download its files."),
     json_out: bool = JSON,
@@ -52,9 +54,17 @@ def disguise(
         raise InputError(f"unknown dtype {dtype!r}: choose float32 or float16")
     if encodings < 1:
         raise InputError("--encodings must be at least 1")
-    options = Options(fit=fit, convert=convert, on_error=on_error, workers=workers, dtype=dtype,
-                      withhold_classes=withhold_classes, encodings=encodings, max_pixels=max_pixels,
-                      shard=parse_shard(shard) if shard else None)
+    options = Options(
+        fit=fit,
+        convert=convert,
+        on_error=on_error,
+        workers=workers,
+        dtype=dtype,
+        withhold_classes=withhold_classes,
+        encodings=encodings,
+        max_pixels=max_pixels,
+        shard=parse_shard(shard) if shard else None,
+    )
     source = open_source(src, download=download)
     public_source = open_source(public) if public else None
     loaded = common.open_keystore().load(key, use="disguise", output=str(output))
@@ -65,16 +75,19 @@ def disguise(
         def tick(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = disguise_source(source, output, loaded, options, resume=resume, force=force,
-                                 public=public_source, progress=tick)
+        report = disguise_source(
+            source, output, loaded, options, resume=resume, force=force, public=public_source, progress=tick
+        )
     doc = dict(report.to_dict(), key_id=loaded.key_id, key_version=loaded.version, source=source.description)
     if json_out:
         print_json(doc)
         return
     s = report.seconds
-    out.print(f"wrote {report.rows:,} rows to [bold]{escape(str(output))}[/] with {escape(loaded.ref)} "
-              f"(key ID {loaded.key_id}) in {s['total']:.1f}s, {doc['images_per_second']:,.0f} img/s "
-              f"[dim](decode {s['decode']:.1f}s in workers, disguise {s['disguise']:.1f}s, write {s['write']:.1f}s)[/]")
+    out.print(
+        f"wrote {report.rows:,} rows to [bold]{escape(str(output))}[/] with {escape(loaded.ref)} "
+        f"(key ID {loaded.key_id}) in {s['total']:.1f}s, {doc['images_per_second']:,.0f} img/s "
+        f"[dim](decode {s['decode']:.1f}s in workers, disguise {s['disguise']:.1f}s, write {s['write']:.1f}s)[/]"
+    )
     if report.resumed_from:
         out.print(f"resumed after {report.resumed_from:,} source items")
     if report.conversions:
@@ -97,14 +110,18 @@ def inspect_cmd(file: Path = typer.Argument(..., help="A disguised HDF5 file."),
         print_json(doc)
         return
     t = Table(show_header=False, title=str(file), title_justify="left")
-    rows = [("format", f"dkit disguised dataset v{meta.format_version}, written by dkit {meta.dkit_version}"),
-            ("created", meta.created), ("rows", f"{meta.rows:,}"),
-            ("images", f"{meta.rows} x {'x'.join(map(str, meta.params.shape))} {meta.dtype}"),
-            ("key", f"ID {meta.key_id}, version {meta.key_version}"), ("pipeline", meta.params.describe()),
-            ("labels", meta.label_kind + (f", {meta.num_classes} classes" if meta.num_classes else "")),
-            ("class names", ", ".join(meta.class_names) if meta.class_names else "withheld or none"),
-            ("encodings per image", str(meta.encodings)), ("source items", f"{meta.source_count:,} "
-                                                           f"({meta.source_skipped} skipped)")]
+    rows = [
+        ("format", f"dkit disguised dataset v{meta.format_version}, written by dkit {meta.dkit_version}"),
+        ("created", meta.created),
+        ("rows", f"{meta.rows:,}"),
+        ("images", f"{meta.rows} x {'x'.join(map(str, meta.params.shape))} {meta.dtype}"),
+        ("key", f"ID {meta.key_id}, version {meta.key_version}"),
+        ("pipeline", meta.params.describe()),
+        ("labels", meta.label_kind + (f", {meta.num_classes} classes" if meta.num_classes else "")),
+        ("class names", ", ".join(meta.class_names) if meta.class_names else "withheld or none"),
+        ("encodings per image", str(meta.encodings)),
+        ("source items", f"{meta.source_count:,} ({meta.source_skipped} skipped)"),
+    ]
     if meta.shard:
         rows.append(("shard", f"{meta.shard[0]}/{meta.shard[1]}, source items {meta.shard[2]}..{meta.shard[3] - 1}"))
     for k, v in rows:
@@ -118,15 +135,21 @@ def verify_cmd(file: Path = typer.Argument(..., help="A disguised HDF5 file."), 
     if json_out:
         print_json(doc)
     else:
-        out.print(f"{escape(str(file))}: ok, {doc['rows']:,} rows, every chunk's checksum verified "
-                  f"({', '.join(doc['datasets'])})")
+        out.print(
+            f"{escape(str(file))}: ok, {doc['rows']:,} rows, every chunk's checksum verified "
+            f"({', '.join(doc['datasets'])})"
+        )
 
 
 def merge_cmd(
     output: Path = typer.Argument(..., help="The merged file."),
     shards: list[Path] = typer.Argument(..., help="All shard files of one run."),
-    virtual: bool = typer.Option(False, "--virtual", help="Reference the shards (HDF5 virtual datasets) instead of "
-                                 "copying them; the shards must then stay beside the merged file."),
+    virtual: bool = typer.Option(
+        False,
+        "--virtual",
+        help="Reference the shards (HDF5 virtual datasets) instead of "
+        "copying them; the shards must then stay beside the merged file.",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite the output."),
     json_out: bool = JSON,
 ):
@@ -135,8 +158,10 @@ def merge_cmd(
     if json_out:
         print_json(doc)
     else:
-        out.print(f"merged {doc['shards']} shards, {doc['rows']:,} rows, into {escape(str(output))}"
-                  + (" (virtual)" if virtual else ""))
+        out.print(
+            f"merged {doc['shards']} shards, {doc['rows']:,} rows, into {escape(str(output))}"
+            + (" (virtual)" if virtual else "")
+        )
 
 
 def preview_cmd(

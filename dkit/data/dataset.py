@@ -62,7 +62,7 @@ class DisguisedDataset(torch.utils.data.Dataset):
             imgs = f[h5format.IMAGES]
             idx = self.indices
             if len(idx) and np.all(np.diff(idx) == 1):
-                x = imgs[idx[0]:idx[-1] + 1]
+                x = imgs[idx[0] : idx[-1] + 1]
             else:
                 x = imgs[np.sort(idx)][np.argsort(np.argsort(idx))] if len(idx) else imgs[:0]
             y = self._read_targets(f, idx)

@@ -5,7 +5,7 @@ Pillow for other formats (BMP, TIFF, PNM) and for CMYK JPEGs. Before any pixel i
 is read and an image larger than ``max_pixels`` is refused, so a decompression bomb never allocates.
 
 Conversions (only with ``convert=True``, the default; each is noted and counted):
-grey -> RGB (repeat), RGB -> grey (ITU-R 601-2 luma, as Pillow's "L"), alpha dropped, 16-bit ->
+grey -> RGB (repeat), RGB -> grey (ITU-R 601-2 luma, exactly as Pillow's "L"), alpha dropped, 16-bit ->
 8-bit (rounded, v / 257), palette -> RGB, CMYK -> RGB (Pillow), animated GIF -> first frame.
 Sizes follow ``fit``: ``none`` (a mismatch is an error naming the file), ``resize`` (stretch to HxW),
 ``crop`` (centre crop, the image must be large enough) or ``resize-crop`` (scale the shorter side,
@@ -104,11 +104,11 @@ def _jpeg_header(data: bytes) -> Header:
             continue
         if marker == 0xD9 or i + 2 > n:
             break
-        length = struct.unpack(">H", data[i:i + 2])[0]
+        length = struct.unpack(">H", data[i : i + 2])[0]
         if marker in _JPEG_SOF:
             if i + 8 > n:
                 break
-            bits, h, w, comps = struct.unpack(">BHHB", data[i + 2:i + 8])
+            bits, h, w, comps = struct.unpack(">BHHB", data[i + 2 : i + 8])
             return Header(w, h, {1: "grey", 3: "rgb", 4: "cmyk"}.get(comps, f"{comps} components"), bits)
         i += length
     raise ValueError("no frame header (truncated or corrupt JPEG)")
@@ -132,8 +132,18 @@ def read_header(data: bytes, kind: str) -> Header:
 
     with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
         w, h = im.size
-        mode = {"L": "grey", "LA": "grey+alpha", "RGB": "rgb", "RGBA": "rgba", "P": "palette", "CMYK": "cmyk",
-                "1": "grey", "I;16": "grey", "I;16B": "grey", "I": "grey"}.get(im.mode, im.mode)
+        mode = {
+            "L": "grey",
+            "LA": "grey+alpha",
+            "RGB": "rgb",
+            "RGBA": "rgba",
+            "P": "palette",
+            "CMYK": "cmyk",
+            "1": "grey",
+            "I;16": "grey",
+            "I;16B": "grey",
+            "I": "grey",
+        }.get(im.mode, im.mode)
         bits = 16 if im.mode.startswith("I;16") or im.mode == "I" else 8
     return Header(w, h, mode, bits)
 
@@ -164,8 +174,9 @@ def decode(data: bytes | bytearray, name: str, policy: Policy) -> tuple[np.ndarr
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - decoders raise RuntimeError, OSError, ValueError, ...
-        raise DecodeError(name, f"corrupt or truncated {kind.upper() if kind != 'other' else 'image'} "
-                                f"({_reason(e)})") from None
+        raise DecodeError(
+            name, f"corrupt or truncated {kind.upper() if kind != 'other' else 'image'} ({_reason(e)})"
+        ) from None
     img = _to_channels(img, head, policy, name, notes)
     img = _fit(img, policy, name, notes)
     return img, tuple(notes)
@@ -263,8 +274,11 @@ def _to_channels(img: np.ndarray, head: Header, policy: Policy, name: str, notes
     if base != want:
         changes.append("grey->RGB" if want == 3 else "RGB->grey")
     if changes and not policy.convert:
-        raise DecodeError(name, f"needs conversion to the key's {'RGB' if want == 3 else 'grey'} 8-bit pixels "
-                                f"({', '.join(changes)})", hint="pass --convert to convert such images")
+        raise DecodeError(
+            name,
+            f"needs conversion to the key's {'RGB' if want == 3 else 'grey'} 8-bit pixels ({', '.join(changes)})",
+            hint="pass --convert to convert such images",
+        )
     if img.dtype == np.uint16:
         img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
     if have in (2, 4):
@@ -273,8 +287,9 @@ def _to_channels(img: np.ndarray, head: Header, policy: Policy, name: str, notes
         if want == 3 and base == 1:
             img = np.repeat(img, 3, axis=2)
         elif want == 1 and base == 3:
-            luma = img[:, :, 0] * 299 + img[:, :, 1] * 587 + img[:, :, 2] * 114  # Pillow's "L"
-            img = ((luma.astype(np.uint32) + 500) // 1000).astype(np.uint8)[:, :, None]
+            rgb = img.astype(np.uint32)  # Pillow's "L": (19595 R + 38470 G + 7471 B + 2^15) >> 16
+            luma = (rgb[:, :, 0] * 19595 + rgb[:, :, 1] * 38470 + rgb[:, :, 2] * 7471 + 0x8000) >> 16
+            img = luma.astype(np.uint8)[:, :, None]
         else:
             raise DecodeError(name, f"{base} channels cannot be converted to the key's {want}")
     notes[:] = [c for c in changes]
@@ -287,14 +302,17 @@ def _fit(img: np.ndarray, policy: Policy, name: str, notes: list[str]) -> np.nda
     if (ih, iw) == (h, w):
         return img
     if policy.fit == "none":
-        raise DecodeError(name, f"size {iw}x{ih} (WxH), but the key expects {w}x{h}",
-                          hint="choose a size policy: --fit resize, crop or resize-crop")
+        raise DecodeError(
+            name,
+            f"size {iw}x{ih} (WxH), but the key expects {w}x{h}",
+            hint="choose a size policy: --fit resize, crop or resize-crop",
+        )
     if policy.fit == "crop":
         if ih < h or iw < w:
             raise DecodeError(name, f"size {iw}x{ih} is too small to crop to {w}x{h}")
         top, left = (ih - h) // 2, (iw - w) // 2
         notes.append(f"cropped {iw}x{ih}->{w}x{h}")
-        return np.ascontiguousarray(img[top:top + h, left:left + w])
+        return np.ascontiguousarray(img[top : top + h, left : left + w])
     import torch
     from torchvision.transforms.v2 import functional as F
 

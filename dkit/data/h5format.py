@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,13 @@ class Meta:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.attrs().items() if k not in ("key_params", "class_names", "options", "shard")}
-        d.update(key_params=self.params.to_dict(), class_names=self.class_names, options=self.options,
-                 shard=list(self.shard) if self.shard else None, complete=self.complete)
+        d.update(
+            key_params=self.params.to_dict(),
+            class_names=self.class_names,
+            options=self.options,
+            shard=list(self.shard) if self.shard else None,
+            complete=self.complete,
+        )
         return d
 
 
@@ -100,8 +106,22 @@ def _str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-REQUIRED = ("dkit_format_version", "key_id", "key_version", "key_params", "rows", "label_kind", "num_classes",
-            "class_names", "encodings", "dtype", "options", "listing_id", "source_count", "complete")
+REQUIRED = (
+    "dkit_format_version",
+    "key_id",
+    "key_version",
+    "key_params",
+    "rows",
+    "label_kind",
+    "num_classes",
+    "class_names",
+    "encodings",
+    "dtype",
+    "options",
+    "listing_id",
+    "source_count",
+    "complete",
+)
 
 
 def read_meta(f: h5py.File, path: Path) -> Meta:
@@ -124,15 +144,26 @@ def read_meta(f: h5py.File, path: Path) -> Meta:
     try:
         shard = tuple(int(v) for v in a["shard"]) if "shard" in a else None
         meta = Meta(
-            key_id=_str(a["key_id"]), key_version=int(a["key_version"]),
+            key_id=_str(a["key_id"]),
+            key_version=int(a["key_version"]),
             params=KeyParams.from_dict(json.loads(_str(a["key_params"]))),
-            label_kind=_str(a["label_kind"]), num_classes=int(a["num_classes"]),
-            class_names=json.loads(_str(a["class_names"])), encodings=int(a["encodings"]), dtype=_str(a["dtype"]),
-            options=json.loads(_str(a["options"])), listing_id=_str(a["listing_id"]),
-            source_count=int(a["source_count"]), shard=shard, dataset_id=_str(a.get("dataset_id", "")),
-            created=_str(a.get("created", "")), dkit_version=_str(a.get("dkit_version", "")), rows=int(a["rows"]),
-            complete=bool(int(a["complete"])), source_skipped=int(a.get("source_skipped", 0)),
-            progress_sources=int(a.get("progress_sources", 0)), format_version=version,
+            label_kind=_str(a["label_kind"]),
+            num_classes=int(a["num_classes"]),
+            class_names=json.loads(_str(a["class_names"])),
+            encodings=int(a["encodings"]),
+            dtype=_str(a["dtype"]),
+            options=json.loads(_str(a["options"])),
+            listing_id=_str(a["listing_id"]),
+            source_count=int(a["source_count"]),
+            shard=shard,
+            dataset_id=_str(a.get("dataset_id", "")),
+            created=_str(a.get("created", "")),
+            dkit_version=_str(a.get("dkit_version", "")),
+            rows=int(a["rows"]),
+            complete=bool(int(a["complete"])),
+            source_skipped=int(a.get("source_skipped", 0)),
+            progress_sources=int(a.get("progress_sources", 0)),
+            format_version=version,
         )
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{path}: damaged metadata ({e})") from None
@@ -150,8 +181,9 @@ def check_layout(f: h5py.File, meta: Meta, path: Path) -> None:
         raise FormatError(f"{path}: no 'images' dataset")
     imgs = f[IMAGES]
     if imgs.shape[1:] != (h, w, c) or imgs.dtype != np.dtype(meta.dtype):
-        raise FormatError(f"{path}: images are {imgs.shape} {imgs.dtype}, the metadata says (N, {h}, {w}, {c}) "
-                          f"{meta.dtype}")
+        raise FormatError(
+            f"{path}: images are {imgs.shape} {imgs.dtype}, the metadata says (N, {h}, {w}, {c}) {meta.dtype}"
+        )
     n = meta.rows
     if imgs.shape[0] < n:
         raise FormatError(f"{path}: {imgs.shape[0]} images but the metadata says {n} rows")
@@ -197,9 +229,11 @@ def verify(path: Path) -> dict:
             if name not in f:
                 continue
             ds = f[name]
-            if ds.fletcher32 is False:
+            # A virtual dataset (dkit merge --virtual) has no filters itself; reading it reads, and
+            # checks, the chunks of the shards it points to.
+            if not ds.is_virtual and not ds.fletcher32:
                 raise FormatError(f"{path}: dataset {name} has no checksums (not written by dkit)")
-            step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
+            step = ds.chunks[0] if ds.chunks else 4096
             for r0 in range(0, ds.shape[0], step):
                 r1 = min(ds.shape[0], r0 + step)
                 try:
@@ -207,7 +241,8 @@ def verify(path: Path) -> dict:
                 except OSError as e:
                     raise FormatError(
                         f"{path}: dataset {name}, rows {r0}..{r1 - 1}: checksum mismatch or unreadable data "
-                        f"({str(e).splitlines()[0][:100]})", hint="the file is damaged; disguise or copy it again",
+                        f"({str(e).splitlines()[0][:100]})",
+                        hint="the file is damaged; disguise or copy it again",
                     ) from None
             checked[name] = int(ds.shape[0])
     return {"file": str(path), "ok": True, "rows": meta.rows, "datasets": checked}
@@ -216,19 +251,27 @@ def verify(path: Path) -> dict:
 class Writer:
     """Appends rows to ``OUT.partial`` and renames it to ``OUT`` in ``finish``."""
 
+    @staticmethod
+    def chunk_for(meta: Meta) -> int:
+        """Rows per chunk of ``images``: about 256 KiB, but no more than the file can hold."""
+        h, w, c = meta.params.shape
+        return min(chunk_rows(h * w * c * np.dtype(meta.dtype).itemsize), max(1, meta.source_count * meta.encodings))
+
     def __init__(self, out: Path, meta: Meta, *, resume: bool):
         self.out = Path(out)
         self.path = partial_path(self.out)
         self.meta = meta
         h, w, c = meta.params.shape
-        row_bytes = h * w * c * np.dtype(meta.dtype).itemsize
-        self.chunk = chunk_rows(row_bytes)
+        self.chunk = self.chunk_for(meta)
+        small = min(4096, max(1, meta.source_count * meta.encodings))
+        self._unquiet = _quiet_about(self.path)
         if resume:
             self.f = h5py.File(self.path, "r+")
+            self._open_datasets()
             rows = self.rows  # drop anything written after the last commit
-            for name in (IMAGES, LABELS, SOFT_LABELS, SOURCE_IDS):
-                if name in self.f and self.f[name].shape[0] != rows:
-                    self.f[name].resize(rows, axis=0)
+            for ds in self.ds.values():
+                if ds.shape[0] != rows:
+                    ds.resize(rows, axis=0)
             return
         if not meta.dataset_id:
             meta.dataset_id = secrets.token_hex(16)
@@ -236,36 +279,58 @@ class Writer:
         try:
             for k, v in meta.attrs().items():
                 self.f.attrs[k] = v
-            opts = dict(chunks=True, fletcher32=True)
-            ds = self.f.create_dataset(IMAGES, shape=(0, h, w, c), maxshape=(None, h, w, c), dtype=meta.dtype,
-                                       **dict(opts, chunks=(self.chunk, h, w, c)))
+            opts = dict(fletcher32=True)
+            ds = self.f.create_dataset(
+                IMAGES,
+                shape=(0, h, w, c),
+                maxshape=(None, h, w, c),
+                dtype=meta.dtype,
+                chunks=(self.chunk, h, w, c),
+                **opts,
+            )
             ds.attrs["encoding_type"], ds.attrs["encoding_version"] = "dkit-images", 1
             if meta.label_kind == "hard":
-                self.f.create_dataset(LABELS, shape=(0,), maxshape=(None,), dtype=np.int64,
-                                      **dict(opts, chunks=(4096,)))
+                self.f.create_dataset(LABELS, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(small,), **opts)
             elif meta.label_kind == "soft":
                 k = max(1, meta.num_classes)
-                self.f.create_dataset(SOFT_LABELS, shape=(0, k), maxshape=(None, k), dtype=np.float32,
-                                      **dict(opts, chunks=(max(1, 4096 // k), k)))
-            self.f.create_dataset(SOURCE_IDS, shape=(0,), maxshape=(None,), dtype=f"S{ID_BYTES}",
-                                  **dict(opts, chunks=(4096,)))
+                self.f.create_dataset(
+                    SOFT_LABELS,
+                    shape=(0, k),
+                    maxshape=(None, k),
+                    dtype=np.float32,
+                    chunks=(max(1, min(small, 4096 // k)), k),
+                    **opts,
+                )
+            self.f.create_dataset(
+                SOURCE_IDS, shape=(0,), maxshape=(None,), dtype=f"S{ID_BYTES}", chunks=(small,), **opts
+            )
+            self._open_datasets()
             self.f.flush()
         except BaseException:
-            self.f.close()
+            self.close()
             raise
+
+    def _open_datasets(self) -> None:
+        # Held open for the whole run: HDF5 writes cached chunks when a dataset is closed, and a
+        # failure there (a full disk) would be lost in a destructor; while they are open, it
+        # surfaces in flush().
+        self.ds = {n: self.f[n] for n in (IMAGES, LABELS, SOFT_LABELS, SOURCE_IDS) if n in self.f}
 
     @property
     def rows(self) -> int:
         return int(self.f.attrs["rows"])
 
     def append(self, images: np.ndarray, labels: np.ndarray | None, ids: np.ndarray) -> None:
+        self._append(images, labels, ids)
+
+    def _append(self, images, labels, ids) -> None:
         n0 = self.rows
         n1 = n0 + len(images)
-        for name, data in ((IMAGES, images), (LABELS if self.meta.label_kind == "hard" else SOFT_LABELS, labels),
-                           (SOURCE_IDS, ids)):
-            if data is None or name not in self.f:
+        label_name = LABELS if self.meta.label_kind == "hard" else SOFT_LABELS
+        for name, data in ((IMAGES, images), (label_name, labels), (SOURCE_IDS, ids)):
+            if data is None or name not in self.ds:
                 continue
-            ds = self.f[name]
+            ds = self.ds[name]
             ds.resize(n1, axis=0)
             ds[n0:n1] = data
 
@@ -276,13 +341,44 @@ class Writer:
         self.f.flush()
 
     def finish(self) -> None:
+        """Mark complete, close, check the file reads back, then rename it into place."""
         self.f.attrs["complete"] = 1
         self.f.flush()
+        self.ds = {}
         self.f.close()
+        with h5py.File(self.path, "r") as f:
+            meta = read_meta(f, self.path)
+            check_layout(f, meta, self.path)
+            if not meta.complete or f[IMAGES].shape[0] != meta.rows:
+                raise OSError(f"{self.path} did not read back as written")
         os.replace(self.path, self.out)
+        self._unquiet()
 
     def close(self) -> None:
+        """Close after a failure; errors here must not mask the failure (the quiet hook stays)."""
+        self.ds = {}
         try:
             self.f.close()
-        except Exception:  # noqa: BLE001 - closing after a failure must not mask it
+        except Exception:  # noqa: BLE001
             pass
+
+
+def _quiet_about(path: Path):
+    """After a failed write (a full disk), h5py reports every cached block of that file it cannot write
+    as the block's object is freed, inside its own error handling and long after dkit has reported
+    the failure. Hide those reports, and only those (they name the file). Returns an undo."""
+    name = str(path)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, (OSError, RuntimeError)) and name in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+    def undo():
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+    return undo

@@ -13,8 +13,18 @@ from ..errors import InputError
 from ..keystore.records import fmt_time, utcnow
 from . import h5format
 
-SAME = ("key_id", "key_version", "params", "listing_id", "options", "label_kind", "num_classes", "class_names",
-        "encodings", "dtype")
+SAME = (
+    "key_id",
+    "key_version",
+    "params",
+    "listing_id",
+    "options",
+    "label_kind",
+    "num_classes",
+    "class_names",
+    "encodings",
+    "dtype",
+)
 
 
 def merge(out: str | Path, shards: list[str | Path], *, virtual: bool = False, force: bool = False) -> dict:
@@ -33,8 +43,10 @@ def merge(out: str | Path, shards: list[str | Path], *, virtual: bool = False, f
     for path, m in metas[1:]:
         for name in SAME:
             if getattr(m, name) != getattr(first, name):
-                raise InputError(f"{path}: its {name.replace('_', ' ')} differs from {metas[0][0]}'s; "
-                                 "shards of different runs cannot be merged")
+                raise InputError(
+                    f"{path}: its {name.replace('_', ' ')} differs from {metas[0][0]}'s; "
+                    "shards of different runs cannot be merged"
+                )
     count = first.shard[1]
     by_index = {}
     for path, m in metas:
@@ -51,10 +63,17 @@ def merge(out: str | Path, shards: list[str | Path], *, virtual: bool = False, f
         if ma.shard[3] != mb.shard[2]:
             raise InputError(f"{pb}: its sources do not follow {pa}'s")
     rows = sum(m.rows for _, m in ordered)
-    meta = h5format.Meta(**{k: getattr(first, k) for k in SAME}, source_count=sum(m.source_count for _, m in ordered),
-                         source_skipped=sum(m.source_skipped for _, m in ordered), shard=None,
-                         created=fmt_time(utcnow()), dataset_id=secrets.token_hex(16), rows=rows,
-                         progress_sources=sum(m.source_count for _, m in ordered), complete=True)
+    meta = h5format.Meta(
+        **{k: getattr(first, k) for k in SAME},
+        source_count=sum(m.source_count for _, m in ordered),
+        source_skipped=sum(m.source_skipped for _, m in ordered),
+        shard=None,
+        created=fmt_time(utcnow()),
+        dataset_id=secrets.token_hex(16),
+        rows=rows,
+        progress_sources=sum(m.source_count for _, m in ordered),
+        complete=True,
+    )
     tmp = h5format.partial_path(out)
     try:
         if virtual:
@@ -111,7 +130,7 @@ def _write_virtual(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
             r = 0
             for path, m in ordered:
                 rel = os.path.relpath(path.resolve(), out.resolve().parent)
-                layout[r:r + m.rows] = h5py.VirtualSource(rel, name, shape=(m.rows,) + shapes[name])
+                layout[r : r + m.rows] = h5py.VirtualSource(rel, name, shape=(m.rows,) + shapes[name])
                 r += m.rows
             fill = None if name == h5format.SOURCE_IDS else np.zeros((), dtypes[name])
             f.create_virtual_dataset(name, layout, fillvalue=fill)

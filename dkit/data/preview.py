@@ -30,8 +30,10 @@ def preview(path: str | Path, key: LoadedKey, out: str | Path, *, count: int = 8
     path, out = Path(path), Path(out)
     meta = h5format.inspect(path)
     if meta.key_id != key.key_id:
-        raise KeyMismatch(f"{path} was disguised with key ID {meta.key_id} (version {meta.key_version}), "
-                          f"not with {key.ref} (key ID {key.key_id})")
+        raise KeyMismatch(
+            f"{path} was disguised with key ID {meta.key_id} (version {meta.key_version}), "
+            f"not with {key.ref} (key ID {key.key_id})"
+        )
     if count < 1:
         raise InputError("--count must be at least 1")
     n = min(count, meta.rows)
@@ -53,8 +55,9 @@ def preview(path: str | Path, key: LoadedKey, out: str | Path, *, count: int = 8
             img = np.repeat(img, 3, axis=2) if c == 1 else img[:, :, :3]
             img = img.repeat(scale, axis=0).repeat(scale, axis=1)
             r0, c0 = gap + i * (h * scale + gap), gap + j * (w * scale + gap)
-            grid[r0:r0 + h * scale, c0:c0 + w * scale] = img
+            grid[r0 : r0 + h * scale, c0 : c0 + w * scale] = img
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, "PNG")
     atomic_write(out, buf.getvalue(), mode=0o644)
-    return {"output": str(out), "rows": n, "file_rows": rows.tolist(), "columns": ["revealed", "disguised"] if d.invertible else ["disguised"]}
+    columns = ["revealed", "disguised"] if d.invertible else ["disguised"]
+    return {"output": str(out), "rows": n, "file_rows": rows.tolist(), "columns": columns}

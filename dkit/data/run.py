@@ -9,8 +9,10 @@ one uninterrupted run would.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import torch
 
 from ..derive import source_id
 from ..engine import Disguise, RandomSource
-from ..errors import InputError
+from ..errors import DkitError, InputError
 from ..keystore import LoadedKey
 from ..keystore.records import fmt_time, utcnow
 from . import h5format
@@ -47,8 +49,13 @@ class Options:
 
     def public(self) -> dict:
         """What a file records of the options (all public; the ones that shape its rows)."""
-        return {"fit": self.fit, "convert": self.convert, "dtype": self.dtype, "encodings": self.encodings,
-                "withhold_classes": self.withhold_classes}
+        return {
+            "fit": self.fit,
+            "convert": self.convert,
+            "dtype": self.dtype,
+            "encodings": self.encodings,
+            "withhold_classes": self.withhold_classes,
+        }
 
 
 @dataclass
@@ -65,9 +72,14 @@ class Report:
     def to_dict(self) -> dict:
         total = self.seconds["total"] or 1e-9
         return {
-            "output": self.out, "rows": self.rows, "images": self.images, "skipped": len(self.skipped),
-            "skipped_problems": dict(Counter(p for _, p in self.skipped)), "conversions": dict(self.conversions),
-            "ignored_files": self.ignored, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "output": self.out,
+            "rows": self.rows,
+            "images": self.images,
+            "skipped": len(self.skipped),
+            "skipped_problems": dict(Counter(p for _, p in self.skipped)),
+            "conversions": dict(self.conversions),
+            "ignored_files": self.ignored,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "images_per_second": round((self.images - self.resumed_from) / total, 1),
             "resumed_from_source": self.resumed_from,
         }
@@ -128,8 +140,17 @@ def _batches(source: Source, policy: Policy, starts: list[int], end: int, batch:
     if workers <= 0 or len(starts) <= 1:
         return (ds[k] for k in range(len(ds)))
     ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=min(workers, len(starts)),
-                                            collate_fn=_identity, prefetch_factor=2, multiprocessing_context=ctx))
+    return iter(
+        torch.utils.data.DataLoader(
+            ds,
+            batch_size=None,
+            shuffle=False,
+            num_workers=min(workers, len(starts)),
+            collate_fn=_identity,
+            prefetch_factor=2,
+            multiprocessing_context=ctx,
+        )
+    )
 
 
 def _identity(x):
@@ -157,8 +178,9 @@ def disguise_source(
     if out.exists() and not force:
         raise InputError(f"{out} exists", hint="use --force to overwrite it")
     if partial.exists() and not (resume or force):
-        raise InputError(f"{partial} holds an interrupted run",
-                         hint="rerun with --resume to continue it, or --force to start over")
+        raise InputError(
+            f"{partial} holds an interrupted run", hint="rerun with --resume to continue it, or --force to start over"
+        )
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such folder")
     if force:
@@ -182,32 +204,51 @@ def disguise_source(
     num_classes, class_names = _class_info(source, options)
     label_kind = "none" if source.labels is None else ("soft" if d.instahide is not None else "hard")
     meta = h5format.Meta(
-        key_id=key.key_id, key_version=key.version, params=params, label_kind=label_kind,
-        num_classes=num_classes, class_names=class_names, encodings=options.encodings, dtype=options.dtype,
-        options=options.public(), listing_id=_listing_id(d, source), source_count=end - first,
-        shard=(options.shard[0], options.shard[1], first, end) if options.shard else None, created=fmt_time(utcnow()),
+        key_id=key.key_id,
+        key_version=key.version,
+        params=params,
+        label_kind=label_kind,
+        num_classes=num_classes,
+        class_names=class_names,
+        encodings=options.encodings,
+        dtype=options.dtype,
+        options=options.public(),
+        listing_id=_listing_id(d, source),
+        source_count=end - first,
+        shard=(options.shard[0], options.shard[1], first, end) if options.shard else None,
+        created=fmt_time(utcnow()),
     )
     report = Report(out=str(out), ignored=len(source.ignored))
     pos, rows, skipped = first, 0, 0
+    resumed = None
     if resume and partial.exists():
-        writer = _reopen(partial, out, meta)
-        pos, rows, skipped = writer.meta.progress_sources, writer.rows, writer.meta.source_skipped
+        resumed = _resumable(partial, meta)
+        pos, rows, skipped = resumed.progress_sources, resumed.rows, resumed.source_skipped
         report.resumed_from = pos - first
         report.images = pos - first - skipped
-    else:
-        writer = h5format.Writer(out, meta, resume=False)
     rng = rng or RandomSource()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = cpus if options.workers is None else max(0, options.workers)
     pool_images = pool_labels = None
     t_start = time.perf_counter()
+    if d.instahide is not None and params.k > 1:
+        pool_images, pool_labels = _instahide_pool(d, source, public, policy, workers, options.batch)
+    chunk = h5format.Writer.chunk_for(meta)
+    batch = max(chunk, options.batch // chunk * chunk)
+    row_bytes = _row_bytes(meta)
+    _check_space(partial, (end - pos) * options.encodings * row_bytes, partial.exists())
+    # Fork the decoding workers before the output is opened, so that none of them holds its file
+    # (and HDF5's lock on it) should this process be killed.
+    batches = _batches(source, policy, list(range(pos, end, batch)), end, batch, workers)
     try:
-        if d.instahide is not None and params.k > 1:
-            pool_images, pool_labels = _instahide_pool(d, source, public, policy, workers, options.batch)
-        batch = max(writer.chunk, options.batch // writer.chunk * writer.chunk)
+        writer = h5format.Writer(out, resumed or meta, resume=resumed is not None)
+    except OSError as e:
+        if resumed is None:
+            _remove(partial)
+        raise _write_error(partial, e) from None
+    try:
         buf = None
-        for positions, imgs, ok, errors, notes, t_dec in _batches(source, policy, list(range(pos, end, batch)), end,
-                                                                  batch, workers):
+        for positions, imgs, ok, errors, notes, t_dec in batches:
             report.seconds["decode"] += t_dec
             report.conversions.update(notes)
             if errors:
@@ -221,13 +262,21 @@ def disguise_source(
             out_rows, out_labels, out_ids = [], [], []
             for run in _runs(ok):
                 p0, p1 = int(positions[run[0]]), int(positions[run[-1]]) + 1
-                x = imgs[run[0]:run[-1] + 1]
+                x = imgs[run[0] : run[-1] + 1]
                 labels = source.labels[p0:p1] if source.labels is not None else None
                 names = source.names[p0:p1]
                 if d.instahide is not None:
-                    y, soft = d.encode(x, labels, num_classes=max(1, num_classes), encodings=options.encodings,
-                                       pool=pool_images, pool_labels=pool_labels, rng=rng, start=p0,
-                                       dtype=options.dtype)
+                    y, soft = d.encode(
+                        x,
+                        labels,
+                        num_classes=max(1, num_classes),
+                        encodings=options.encodings,
+                        pool=pool_images,
+                        pool_labels=pool_labels,
+                        rng=rng,
+                        start=p0,
+                        dtype=options.dtype,
+                    )
                     out_rows.append(y)
                     out_labels.append(soft)
                     out_ids += [source_id(d.material, nm) for nm in names for _ in range(options.encodings)]
@@ -235,15 +284,19 @@ def disguise_source(
                     if buf is None:
                         buf = np.empty((batch,) + params.shape, dtype=options.dtype)
                     k = sum(len(r) for r in out_rows)
-                    out_rows.append(d.apply(x, rng=rng, start=p0, dtype=options.dtype, out=buf[k:k + len(x)]))
+                    out_rows.append(d.apply(x, rng=rng, start=p0, dtype=options.dtype, out=buf[k : k + len(x)]))
                     out_labels.append(labels)
                     out_ids += [source_id(d.material, nm) for nm in names]
             t1 = time.perf_counter()
             report.seconds["disguise"] += t1 - t0
             if out_rows:
                 y = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
-                lab = None if label_kind == "none" else (
-                    np.concatenate(out_labels) if len(out_labels) > 1 else out_labels[0])
+                lab = (
+                    None
+                    if label_kind == "none"
+                    else (np.concatenate(out_labels) if len(out_labels) > 1 else out_labels[0])
+                )
+                _check_space(partial, len(y) * row_bytes, True)
                 writer.append(y, lab, np.asarray(out_ids, dtype=f"S{h5format.ID_BYTES}"))
                 rows += len(y)
                 report.images += int(ok.sum())
@@ -252,17 +305,75 @@ def disguise_source(
             if progress:
                 progress(int(positions[-1]) + 1 - first, end - first)
         if rows == 0:
-            raise InputError(f"no image could be used: {skipped} of {end - first} skipped",
-                             hint="see the problems listed; nothing was written")
+            raise InputError(
+                f"no image could be used: {skipped} of {end - first} skipped",
+                hint="see the problems listed; nothing was written",
+            )
         writer.finish()
-    except BaseException:
+    except BaseException as e:
         writer.close()
-        if rows == 0 and partial.exists() and not report.resumed_from:
-            partial.unlink()  # nothing worth resuming
+        if rows == 0 and not report.resumed_from:
+            _remove(partial)  # nothing worth resuming
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write failed" in str(e)):
+            raise _write_error(partial, e) from None
         raise
     report.rows = rows
     report.seconds["total"] = time.perf_counter() - t_start
     return report
+
+
+def _row_bytes(meta: h5format.Meta) -> int:
+    """Bytes one row takes on disk: the image, its label or soft label, its source ID."""
+    h, w, c = meta.params.shape
+    label = {"hard": 8, "soft": 4 * meta.num_classes}.get(meta.label_kind, 0)
+    return h * w * c * np.dtype(meta.dtype).itemsize + label + h5format.ID_BYTES
+
+
+def _check_space(partial: Path, need: int, started: bool) -> None:
+    """Refuse to write what the disk cannot hold. HDF5 is not reliable once a write fails with a
+    full disk (its caches and the file can end up inconsistent), so dkit stops before that happens:
+    the partial file then holds every committed batch intact, ready for --resume."""
+    need = int(need * 1.02) + (1 << 20)  # chunk indexes, metadata, slack
+    free = shutil.disk_usage(partial.parent).free
+    if free < need:
+        raise DkitError(
+            f"cannot write {partial}: not enough space left on the device ({_size(free)} free, "
+            f"{_size(need)} needed{' for the next batch' if started else ''})",
+            hint=(
+                "free space (or write elsewhere), then rerun"
+                + (" with --resume" if started else "")
+                + "; nothing was written under the output's name"
+            ),
+        )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _write_error(partial: Path, e: Exception) -> DkitError:
+    text = str(e)
+    reason = (
+        "no space left on device"
+        if ("No space left" in text or getattr(e, "errno", None) == errno.ENOSPC)
+        else (text.splitlines()[0][:160] if text else type(e).__name__)
+    )
+    return DkitError(
+        f"cannot write {partial}: {reason}",
+        hint="free space (or fix the folder's permissions), then rerun with --resume; "
+        "nothing was written under the output's name",
+    )
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _runs(ok: np.ndarray) -> list[np.ndarray]:
@@ -274,20 +385,34 @@ def _runs(ok: np.ndarray) -> list[np.ndarray]:
     return np.split(idx, cuts)
 
 
-def _reopen(partial: Path, out: Path, meta: h5format.Meta) -> h5format.Writer:
+def _resumable(partial: Path, meta: h5format.Meta) -> h5format.Meta:
+    """The metadata of an interrupted run, if it was made with the same settings."""
     try:
         with h5format.open_h5(partial) as f:
             old = h5format.read_meta(f, partial)
             h5format.check_layout(f, old, partial)
     except Exception as e:  # noqa: BLE001 - any damage means we cannot trust it
         raise InputError(f"{partial}: cannot resume from it ({e})", hint="use --force to start over") from None
-    for name in ("key_id", "key_version", "params", "listing_id", "options", "label_kind", "num_classes",
-                 "class_names", "encodings", "dtype", "shard"):
+    for name in (
+        "key_id",
+        "key_version",
+        "params",
+        "listing_id",
+        "label_kind",
+        "num_classes",
+        "class_names",
+        "encodings",
+        "dtype",
+        "shard",
+        "options",
+    ):
         if getattr(old, name) != getattr(meta, name):
-            raise InputError(f"{partial} was written with another {name.replace('_', ' ')}; it cannot be resumed "
-                             "with these settings", hint="use --force to start over")
-    w = h5format.Writer(out, old, resume=True)
-    return w
+            what = {"listing_id": "list of source files", "options": "set of options"}.get(name, name.replace("_", " "))
+            raise InputError(
+                f"{partial} was written with another {what}; it cannot be resumed with these settings",
+                hint="use --force to start over",
+            )
+    return old
 
 
 def _instahide_pool(d: Disguise, source: Source, public: Source | None, policy: Policy, workers: int, batch: int):

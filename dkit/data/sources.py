@@ -79,8 +79,12 @@ class TorchvisionSource(Source):
         targets = getattr(dataset, "targets", None)
         labels = np.asarray(targets, dtype=np.int64) if targets is not None and len(targets) == n else None
         classes = list(getattr(dataset, "classes", []) or []) or None
-        super().__init__(description or f"torchvision dataset {type(dataset).__name__}",
-                         [f"{type(dataset).__name__}[{i}]" for i in range(n)], labels, classes)
+        super().__init__(
+            description or f"torchvision dataset {type(dataset).__name__}",
+            [f"{type(dataset).__name__}[{i}]" for i in range(n)],
+            labels,
+            classes,
+        )
         self.dataset = dataset
         if self.labels is None:  # read the labels once (datasets without a targets list)
             ys = [dataset[i][1] for i in range(n)]
@@ -134,9 +138,11 @@ def open_folder(root: Path) -> FolderSource:
             labels += [label] * len(imgs)
         src = FolderSource(root, names, np.asarray(labels, dtype=np.int64), [d.name for d in subdirs], ignored)
     if not src.names:
-        raise InputError(f"{root}: no images found" + (f" ({len(ignored)} files without an image extension)"
-                                                       if ignored else " (the folder is empty)"),
-                         hint="image extensions: " + " ".join(sorted(IMAGE_EXTENSIONS)))
+        raise InputError(
+            f"{root}: no images found"
+            + (f" ({len(ignored)} files without an image extension)" if ignored else " (the folder is empty)"),
+            hint="image extensions: " + " ".join(sorted(IMAGE_EXTENSIONS)),
+        )
     return src
 
 
@@ -191,8 +197,10 @@ def open_torchvision(spec: str, download: bool = False) -> TorchvisionSource:
     except TypeError:
         ds = cls(root, split=split, download=download)
     except Exception as e:  # noqa: BLE001 - datasets raise RuntimeError for missing files
-        raise InputError(f"{spec}: cannot open the dataset ({str(e).splitlines()[0][:160]})",
-                         hint="torchvision needs the files locally; --download fetches them where allowed") from None
+        raise InputError(
+            f"{spec}: cannot open the dataset ({str(e).splitlines()[0][:160]})",
+            hint="torchvision needs the files locally; --download fetches them where allowed",
+        ) from None
     return TorchvisionSource(ds, f"torchvision {name} at {root} ({split})")
 
 
