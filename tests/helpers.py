@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 from PIL import Image
 
 from dkit.derive import derive
@@ -17,6 +16,8 @@ from dkit.keystore import LoadedKey
 from dkit.keystore.records import VersionRecord
 from dkit.params import KeyParams
 from dkit.secret import Seed
+
+from conftest import SHARED_DATA
 
 
 def test_key(label: str = "test", **kw) -> LoadedKey:

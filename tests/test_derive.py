@@ -11,12 +11,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from dkit.derive import Stream, aes_keys, derive, key_id, permutation, rmt_matrices, subkey
 from dkit.params import KeyParams
 from dkit.secret import Seed
+
+from conftest import REPO
 
 VECTORS = json.loads((REPO / "keys" / "vectors" / "derivation-v1.json").read_text())
 CASES = {c["name"]: c for c in VECTORS["cases"]}

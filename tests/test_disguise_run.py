@@ -14,8 +14,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-from helpers import make_folder, subset, test_key
 
 from dkit.data import DisguisedDataset, Options, disguise_source, inspect, merge, open_source, verify
 from dkit.data.decode import Policy
@@ -24,6 +22,9 @@ from dkit.data.sources import TorchvisionSource
 from dkit.derive import source_id
 from dkit.engine import Disguise, RandomSource
 from dkit.errors import DkitError, FormatError, InputError
+
+from conftest import REPO
+from helpers import make_folder, subset, test_key
 
 KEY = test_key("run", shape="8x8x3", block="4", pipeline="perm,rmt", noise=10)
 

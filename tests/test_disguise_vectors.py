@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REPO
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -15,6 +14,8 @@ from dkit.derive import derive
 from dkit.engine import Disguise, RandomSource
 from dkit.params import KeyParams
 from dkit.secret import Seed
+
+from conftest import REPO
 
 DOC = json.loads((REPO / "keys" / "vectors" / "disguise-v1.json").read_text())
 CASES = {c["name"]: c for c in DOC["cases"]}

@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import real_keyring_or_skip
-from test_cli_keys import files_under, seed_forms
 
 from dkit.keystore import Keystore
 from dkit.keystore.backends import SERVICE
+
+from conftest import real_keyring_or_skip
+from test_cli_keys import files_under, seed_forms
 
 pytestmark = pytest.mark.realkeyring
 PHRASE = "correct horse battery"

@@ -30,8 +30,12 @@ CASES = [
     ("perm-rmt-hard", dict(shape="8x8x3", block="4", pipeline="perm,rmt", noise=10), "classes", {}),
     ("aes-unlabelled-float16", dict(shape="8x8x3", block="4", pipeline="perm,aes"), "flat", {"dtype": "float16"}),
     ("instahide-soft", dict(shape="8x8x3", block="4", pipeline="instahide", k=2), "classes", {"encodings": 2}),
-    ("identity-grey-withheld", dict(shape="8x8", block="4", pipeline="identity"), "classes",
-     {"withhold_classes": True}),
+    (
+        "identity-grey-withheld",
+        dict(shape="8x8", block="4", pipeline="identity"),
+        "classes",
+        {"withhold_classes": True},
+    ),
 ]
 
 
@@ -39,8 +43,7 @@ def test_key(name: str, **kw) -> tuple[LoadedKey, bytes]:
     seed = hashlib.sha256(f"dkit format archive {name}".encode()).digest()
     params = KeyParams.create(**kw)
     material = derive(Seed(seed), params)
-    rec = VersionRecord(1, "enabled", "2026-11-22T00:00:00Z", material.key_id, params, "memory",
-                        "2026-11-22T00:00:00Z")
+    rec = VersionRecord(1, "enabled", "2026-11-22T00:00:00Z", material.key_id, params, "memory", "2026-11-22T00:00:00Z")
     return LoadedKey(name=name, record=rec, material=material), seed
 
 
@@ -63,8 +66,7 @@ def sha(a) -> str:
 
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"about": f"format v1 files written by dkit {__version__} with formats/archives/make_v1.py",
-                "files": {}}
+    manifest = {"about": f"format v1 files written by dkit {__version__} with formats/archives/make_v1.py", "files": {}}
     for name, kw, layout, opts in CASES:
         key, seed = test_key(name, **kw)
         with tempfile.TemporaryDirectory() as tmp:
@@ -77,12 +79,20 @@ def main(out_dir: Path) -> None:
                 path.unlink()
             disguise_source(source, path, key, Options(workers=0, **opts), rng=RandomSource.fixed(11))
         with h5py.File(path, "r") as f:
-            entry = {"seed": seed.hex(), "params": key.params.to_dict(), "key_id": key.key_id,
-                     "source_pixels_hex": pixels.tobytes().hex(),
-                     "attrs": {k: (v.item() if hasattr(v, "item") else (v.decode() if isinstance(v, bytes) else v))
-                               for k, v in f.attrs.items() if k not in ("created", "dataset_id", "dkit_version")},
-                     "datasets": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype), "sha256": sha(f[k][:])}
-                                  for k in f.keys()}}
+            entry = {
+                "seed": seed.hex(),
+                "params": key.params.to_dict(),
+                "key_id": key.key_id,
+                "source_pixels_hex": pixels.tobytes().hex(),
+                "attrs": {
+                    k: (v.item() if hasattr(v, "item") else (v.decode() if isinstance(v, bytes) else v))
+                    for k, v in f.attrs.items()
+                    if k not in ("created", "dataset_id", "dkit_version")
+                },
+                "datasets": {
+                    k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype), "sha256": sha(f[k][:])} for k in f.keys()
+                },
+            }
         manifest["files"][path.name] = entry
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
