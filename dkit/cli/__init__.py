@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import data
+from . import data, model
 from .common import App, out
 from .keys import keygen, keys_app
 
@@ -33,6 +33,8 @@ app.command("inspect")(data.inspect_cmd)
 app.command("verify")(data.verify_cmd)
 app.command("merge")(data.merge_cmd)
 app.command("preview")(data.preview_cmd)
+app.command("train")(model.train)
+app.command("predict")(model.predict)
 
 
 @app.command("demo")

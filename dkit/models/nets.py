@@ -1,0 +1,130 @@
+"""The models dkit trains on disguised images. All take (N, C, H, W) float input in the disguise's
+value range; each carries its input normalisation as buffers, so weights alone describe it.
+
+- ``cnn``: the DisguisedNets paper's simple CNN (conv 5x5x32, pool, conv 5x5x64, pool, FC 1024, FC).
+- ``resnet18``: torchvision's ResNet-18 with a 3x3 stride-2 stem and no max-pool, so a 32x32 input
+  keeps 16x16 feature maps (torchvision's 7x7 stem and max-pool leave 8x8).
+- ``blockvit``: a block-aware transformer. Its patches are the disguise's blocks, and each block
+  position has its own patch embedding ``E_i`` (a d x D matrix), so ``E_i`` can absorb the
+  position's secret matrix (``E_i = R_i^T W``) and the learned position embeddings absorb the
+  permutation. On RMT data it can therefore reach plaintext accuracy, up to the noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS = ("cnn", "resnet18", "blockvit")
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class SimpleCNN(nn.Module):
+    def __init__(self, shape, num_classes, *, hidden: int = 1024, drop_conv: float = 0.2, drop_hidden: float = 0.4):
+        super().__init__()
+        h, w, c = shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 32, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Dropout(drop_conv),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Dropout(drop_conv),
+        )
+        flat = 64 * math.ceil(math.ceil(h / 2) / 2) * math.ceil(math.ceil(w / 2) / 2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_hidden),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def resnet18(shape, num_classes):
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(shape[2], 64, kernel_size=3, stride=2, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+class BlockViT(nn.Module):
+    def __init__(
+        self,
+        shape,
+        block,
+        num_classes,
+        *,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        h, w, c = shape
+        bh, bw = block
+        if h % bh or w % bw:
+            raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
+        self.shape, self.block = tuple(shape), tuple(block)
+        self.grid = (h // bh, w // bw)
+        t, d = self.grid[0] * self.grid[1], bh * bw * c
+        self.embed_w = nn.Parameter(torch.randn(t, d, dim) / math.sqrt(d))
+        self.embed_b = nn.Parameter(torch.zeros(t, dim))
+        self.pos = nn.Parameter(torch.randn(1, t, dim) * 0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def blocks(self, x):
+        """(N, C, H, W) -> (t, N, d): block position-major, each block in (row, column, channel) order."""
+        n, c, _, _ = x.shape
+        bh, bw = self.block
+        gh, gw = self.grid
+        return x.permute(0, 2, 3, 1).reshape(n, gh, bh, gw, bw, c).permute(1, 3, 0, 2, 4, 5).reshape(gh * gw, n, -1)
+
+    def forward(self, x):
+        tokens = torch.bmm(self.blocks(x), self.embed_w).transpose(0, 1) + self.embed_b + self.pos
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+
+def build(arch: str, shape, block, num_classes: int, mean, std, **arch_params) -> nn.Module:
+    """The network with its normalisation in front."""
+    if arch == "cnn":
+        net = SimpleCNN(shape, num_classes, **arch_params)
+    elif arch == "resnet18":
+        net = resnet18(shape, num_classes)
+    elif arch == "blockvit":
+        net = BlockViT(shape, block, num_classes, **arch_params)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}: choose " + ", ".join(ARCHS))
+    return nn.Sequential(Normalize(mean, std), net)
+
+
+def soft_cross_entropy(logits, target):
+    """Cross-entropy against soft labels (InstaHide): -sum_k y_k log p_k, averaged."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()

@@ -1,0 +1,350 @@
+"""``dkit train``: fit a model to a disguised dataset. No key is needed: this is the cloud side.
+
+CUDA when present (automatic mixed precision, channels-last for the CNNs), the CPU otherwise.
+A checkpoint is written after every epoch, so ``resume`` continues an interrupted run; the finished
+artifact is weights (safetensors) plus JSON metadata (``formats/MODEL-v1.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import DisguisedDataset, h5format
+from ..errors import ArtifactError, InputError
+from ..home import atomic_write
+from ..keystore.records import fmt_time, utcnow
+from . import artifact
+from .nets import ARCHS, build, soft_cross_entropy
+
+CHECKPOINT = "checkpoint"
+DEFAULT_LR = {"cnn": 1e-3, "resnet18": 2e-3, "blockvit": 1e-3}
+DEFAULT_ARCH_PARAMS = {"cnn": {}, "resnet18": {}, "blockvit": {"dim": 128, "depth": 6, "heads": 4}}
+
+
+@dataclass
+class TrainOptions:
+    arch: str = "auto"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float = 0.05
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    arch_params: dict = field(default_factory=dict)
+
+    def resolved_arch(self, meta: h5format.Meta) -> str:
+        if self.arch != "auto":
+            if self.arch not in ARCHS:
+                raise InputError(f"unknown --arch {self.arch!r}: choose auto, " + ", ".join(ARCHS))
+            return self.arch
+        block_structured = any(meta.params.has(m) for m in ("perm", "rmt", "aes"))
+        return "blockvit" if block_structured else "cnn"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown --device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation rows, split by source image (all encodings of one image on the same side)."""
+    if not 0 <= fraction < 1:
+        raise InputError("--val-fraction must lie in [0, 1)")
+    with h5format.open_h5(path) as f:
+        ids = f[h5format.SOURCE_IDS][: meta.rows]
+    groups, inverse = np.unique(ids, return_inverse=True)
+    digest = hashlib.sha256(f"{meta.dataset_id}/{seed}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    n_val = int(round(len(groups) * fraction))
+    val_groups = np.zeros(len(groups), dtype=bool)
+    val_groups[rng.permutation(len(groups))[:n_val]] = True
+    is_val = val_groups[inverse]
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, C, H, W) data, in float64."""
+    c = x.shape[1]
+    s = torch.zeros(c, dtype=torch.float64)
+    ss = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, len(x), 4096):
+        b = x[i : i + 4096].to(torch.float64)
+        s += b.sum(dim=(0, 2, 3))
+        ss += (b * b).sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / max(1, count)
+    std = torch.sqrt(torch.clamp(ss / max(1, count) - mean * mean, min=1e-12))
+    return mean.tolist(), std.clamp(min=1e-6).tolist()
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    seconds: float
+    images_per_second: float
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
+    target = y.argmax(dim=1) if y.ndim == 2 else y
+    return int((logits.argmax(dim=1) == target).sum())
+
+
+def _loss(logits, y):
+    return soft_cross_entropy(logits, y) if y.ndim == 2 else F.cross_entropy(logits, y)
+
+
+def evaluate(model, x, y, device, batch_size=512, amp=None) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device, non_blocking=True)
+            yb = y[i : i + batch_size].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(xb)
+            total_loss += float(_loss(logits.float(), yb)) * len(xb)
+            correct += _accuracy(logits, yb)
+    return total_loss / max(1, len(x)), correct / max(1, len(x))
+
+
+def train(
+    data: str | Path,
+    model_dir: str | Path,
+    options: TrainOptions | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train, write the artifact, and return the metrics."""
+    options = options or TrainOptions()
+    data, model_dir = Path(data), Path(model_dir)
+    meta = h5format.inspect(data)
+    if meta.label_kind == "none":
+        raise InputError(f"{data}: the dataset has no labels, so there is nothing to train a classifier on")
+    if options.epochs < 1 or options.batch_size < 1:
+        raise InputError("--epochs and --batch-size must be at least 1")
+    ckpt_dir = model_dir / CHECKPOINT
+    if (model_dir / artifact.META).exists() and not force:
+        raise InputError(f"{model_dir} holds a trained model", hint="use --force to replace it")
+    if ckpt_dir.exists() and not resume:
+        if not force:
+            raise InputError(
+                f"{model_dir} holds an interrupted training run",
+                hint="use --resume to continue it, or --force to start over",
+            )
+        shutil.rmtree(ckpt_dir)
+    arch = options.resolved_arch(meta)
+    arch_params = {**DEFAULT_ARCH_PARAMS[arch], **options.arch_params}
+    device = pick_device(options.device)
+    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
+    torch.manual_seed(options.seed)
+
+    x_np, y_np = DisguisedDataset(data, in_memory=False).read_all()
+    x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2)  # (N, C, H, W), a view
+    y_all = torch.from_numpy(y_np)
+    tr, va = split(data, meta, options.val_fraction, options.seed)
+    x_tr, y_tr = x_all[tr], y_all[tr]
+    x_va, y_va = x_all[va], y_all[va]
+    mean, std = channel_stats(x_tr)
+    num_classes = meta.num_classes or int(y_all.max()) + 1
+    model = build(arch, meta.params.shape, meta.params.block, num_classes, mean, std, **arch_params).to(device)
+    if device.type == "cuda" and arch != "blockvit":
+        model = model.to(memory_format=torch.channels_last)
+    lr = options.lr or DEFAULT_LR[arch]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=options.weight_decay)
+    steps_per_epoch = math.ceil(len(x_tr) / options.batch_size)
+    total_steps = steps_per_epoch * options.epochs
+    warmup = min(steps_per_epoch, max(1, total_steps // 10))
+
+    def lr_at(step):  # linear warm-up, then cosine decay to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    history: list[dict] = []
+    start_epoch = 0
+    sha = file_sha256(data)
+    run_id = {
+        "dataset_id": meta.dataset_id,
+        "dataset_sha256": sha,
+        "arch": arch,
+        "arch_params": arch_params,
+        "options": {k: v for k, v in asdict(options).items() if k not in ("device", "arch_params")},
+    }
+    if resume and ckpt_dir.exists():
+        start_epoch, history = _load_checkpoint(ckpt_dir, run_id, model, opt, sched)
+    gen = torch.Generator().manual_seed(options.seed)
+    for _ in range(start_epoch):  # replay the shuffles of finished epochs
+        torch.randperm(len(x_tr), generator=gen)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        x_tr_dev, y_tr_dev = x_tr.to(device), y_tr.to(device)
+    for epoch in range(start_epoch, options.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(x_tr), generator=gen)
+        seen, correct, loss_sum = 0, 0, 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * options.batch_size : (step + 1) * options.batch_size]
+            if on_gpu:
+                idx = idx.to(device)
+                xb, yb = x_tr_dev[idx], y_tr_dev[idx]
+                if arch != "blockvit":
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+            else:
+                xb, yb = x_tr[idx], y_tr[idx]
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(xb)
+                loss = _loss(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            seen += len(xb)
+            loss_sum += float(loss.detach()) * len(xb)
+            correct += _accuracy(logits.detach(), yb)
+            if progress:
+                progress(
+                    {
+                        "epoch": epoch + 1,
+                        "epochs": options.epochs,
+                        "step": step + 1,
+                        "steps": steps_per_epoch,
+                        "loss": loss_sum / seen,
+                        "acc": correct / seen,
+                    }
+                )
+        train_seconds = time.perf_counter() - t0
+        val_loss = val_acc = None
+        if len(x_va):
+            val_loss, val_acc = evaluate(model, x_va, y_va, device, amp=amp)
+        stats = EpochStats(
+            epoch + 1,
+            loss_sum / seen,
+            correct / seen,
+            val_loss,
+            val_acc,
+            round(train_seconds, 3),
+            round(seen / train_seconds, 1),
+        )
+        history.append(asdict(stats))
+        if progress:
+            progress({"epoch_done": asdict(stats)})
+        _save_checkpoint(ckpt_dir, run_id, model, opt, sched, epoch + 1, history)
+    metrics = {
+        "arch": arch,
+        "arch_params": arch_params,
+        "device": str(device),
+        "amp": str(amp).replace("torch.", "") if amp else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_rows": len(tr),
+        "val_rows": len(va),
+        "epochs": history,
+        "final": history[-1],
+        "best_val_acc": max((h["val_acc"] for h in history if h["val_acc"] is not None), default=None),
+        "lr": lr,
+        "batch_size": options.batch_size,
+        "seed": options.seed,
+    }
+    model_meta = artifact.ModelMeta(
+        arch=arch,
+        arch_params=arch_params,
+        in_shape=list(meta.params.shape),
+        block=list(meta.params.block),
+        num_classes=num_classes,
+        class_names=meta.class_names,
+        label_kind=meta.label_kind,
+        key_id=meta.key_id,
+        key_version=meta.key_version,
+        key_params=meta.params.to_dict(),
+        dataset={
+            "dataset_id": meta.dataset_id,
+            "sha256": sha,
+            "rows": meta.rows,
+            "file": data.name,
+            "encodings": meta.encodings,
+        },
+        normalization={"mean": mean, "std": std},
+        data_options=meta.options,
+        metrics={
+            "val_acc": history[-1]["val_acc"],
+            "train_acc": history[-1]["train_acc"],
+            "epochs": len(history),
+            "val_rows": len(va),
+        },
+        created=fmt_time(utcnow()),
+    )
+    artifact.save(model_dir, model, model_meta, metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def _save_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched, epoch: int, history: list) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+    atomic_write(
+        tmp / "progress.json", json.dumps({"run": run_id, "epoch": epoch, "history": history}).encode(), mode=0o644
+    )
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    tmp.rename(ckpt_dir)
+
+
+def _load_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    try:
+        progress = json.loads((ckpt_dir / "progress.json").read_text())
+    except (OSError, ValueError):
+        raise ArtifactError(f"{ckpt_dir}: the checkpoint is damaged", hint="use --force to start over") from None
+    if progress.get("run") != json.loads(json.dumps(run_id)):
+        raise InputError(
+            f"{ckpt_dir} belongs to another run (other data or options)",
+            hint="use the same data and options, or --force to start over",
+        )
+    try:
+        model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors"), device="cpu"))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{ckpt_dir}: the checkpoint's weights are unreadable ({type(e).__name__})") from None
+    state = artifact.load_checkpoint_state(ckpt_dir / "optimizer.pt")
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(progress["epoch"]), list(progress["history"])

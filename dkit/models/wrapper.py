@@ -1,0 +1,85 @@
+"""``DisguisedModel``: wrap any ``nn.Module`` trained on disguised data so that it takes plain images.
+
+    net = DisguisedModel(model, keystore.load("cifar"))
+    logits = net(images)          # plain pixels 0..255, (N, C, H, W); disguised on the model's device
+
+Each call disguises with fresh CSPRNG noise on the model's device (the torch kernels on CUDA, the
+fused numpy kernels on the CPU), then calls the wrapped model. Attributes the wrapper does not have
+pass through to the model, and ``unwrap()`` returns it. The wrapper holds key material: it cannot be
+pickled, and its ``state_dict`` is the wrapped model's (prefixed ``model.``), never the key's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine import Disguise, RandomSource
+
+
+class DisguisedModel(nn.Module):
+    def __init__(self, model: nn.Module, key, *, layout: str = "NCHW", pool=None, samples: int = 4):
+        """``key``: a LoadedKey (or KeyMaterial). ``layout``: of the inputs, NCHW or NHWC.
+        InstaHide keys mix each input with images of ``pool`` (default: the rest of the batch) and
+        average the model's probabilities over ``samples`` encodings."""
+        super().__init__()
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError("layout is NCHW or NHWC")
+        self.model = model
+        self.layout = layout
+        self.samples = int(samples)
+        object.__setattr__(self, "_disguise", Disguise.from_key(key))
+        object.__setattr__(self, "_pool", None if pool is None else np.asarray(pool))
+
+    @property
+    def key_id(self) -> str:
+        return self._disguise.key_id
+
+    def unwrap(self) -> nn.Module:
+        return self.model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a DisguisedModel holds key material and cannot be pickled; save model.unwrap() instead")
+
+    def __repr__(self) -> str:
+        return f"DisguisedModel(key_id={self.key_id!r}, model={type(self.model).__name__})"
+
+    def _device(self) -> torch.device:
+        for t in self.model.parameters():
+            return t.device
+        for t in self.model.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def disguise(self, x: torch.Tensor, rng: RandomSource | None = None) -> torch.Tensor:
+        """Plain images -> disguised (N, C, H, W) float32 on the model's device."""
+        device = self._device()
+        x = torch.as_tensor(x).to(device)
+        nhwc = x.permute(0, 2, 3, 1) if self.layout == "NCHW" else x
+        y = self._disguise.apply(nhwc.contiguous(), rng=rng)
+        return y.permute(0, 3, 1, 2).contiguous().to(device)
+
+    def forward(self, x, rng: RandomSource | None = None):
+        if self._disguise.instahide is None:
+            return self.model(self.disguise(x, rng))
+        return self._instahide_forward(x, rng)
+
+    def _instahide_forward(self, x, rng):
+        device = self._device()
+        nhwc = torch.as_tensor(x).permute(0, 2, 3, 1) if self.layout == "NCHW" else torch.as_tensor(x)
+        plain = nhwc.detach().cpu().numpy()
+        pool = self._pool if self._pool is not None else plain
+        rng = rng or RandomSource()
+        probs = 0
+        for s in range(self.samples):
+            enc, _ = self._disguise.encode(plain, None, pool=pool, rng=rng, start=s * len(plain))
+            logits = self.model(torch.from_numpy(enc).permute(0, 3, 1, 2).contiguous().to(device))
+            probs = probs + torch.softmax(logits.float(), dim=1)
+        return torch.log(probs / self.samples)
