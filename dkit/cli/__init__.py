@@ -38,12 +38,15 @@ app.command("predict")(model.predict)
 
 
 @app.command("demo")
-def demo(json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON.")):
-    """Run the main job end to end on the shipped sample data, in a throw-away home."""
+def demo(
+    epochs: int = typer.Option(4, "--epochs", help="Training epochs per model."),
+    json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Run the main job end to end on the shipped MNIST sample: keygen, disguise, train, predict, privacy."""
     from .. import demo as demo_mod
     from .common import err, print_json
 
-    figures = demo_mod.run(err if json_out else out)
+    figures = demo_mod.run(err if json_out else out, epochs=epochs)
     if json_out:
         print_json(figures)
 

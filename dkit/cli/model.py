@@ -20,8 +20,9 @@ from .common import err, escape, out, print_json
 def train(
     data: Path = typer.Argument(..., help="A disguised HDF5 file (dkit disguise)."),
     output: Path = typer.Option(..., "-o", "--output", help="The model folder to write."),
-    arch: str = typer.Option("auto", "--arch", help="auto (blockvit for block disguises, else cnn), "
-                             + ", ".join(ARCHS) + "."),
+    arch: str = typer.Option(
+        "auto", "--arch", help="auto (blockvit for block disguises, else cnn), " + ", ".join(ARCHS) + "."
+    ),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default per architecture)."),
@@ -34,8 +35,8 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Train a model on a disguised dataset. No key is needed (this runs on the cloud side)."""
-    from ..models.train import TrainOptions
-    from ..models.train import train as run
+    from ..models.training import TrainOptions
+    from ..models.training import train as run
 
     params = {}
     for item in arch_param:
@@ -43,10 +44,22 @@ def train(
         if not sep or not v.strip().lstrip("-").isdigit():
             raise InputError(f"malformed --arch-param {item!r}: expected KEY=INTEGER")
         params[k.strip()] = int(v)
-    options = TrainOptions(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
-                           seed=seed, device=device, arch_params=params)
-    columns = [TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(),
-               TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"), TimeRemainingColumn()]
+    options = TrainOptions(
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        arch_params=params,
+    )
+    columns = [
+        TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
         task = bar.add_task("train", total=None, epoch="", loss=0.0, acc=0.0)
 
@@ -55,21 +68,34 @@ def train(
                 e = p["epoch_done"]
                 if not json_out:
                     val = f", val acc {e['val_acc']:.4f}" if e["val_acc"] is not None else ""
-                    err.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, acc {e['train_acc']:.4f}{val} "
-                              f"({e['seconds']:.1f}s, {e['images_per_second']:,.0f} img/s)")
+                    err.print(
+                        f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, acc {e['train_acc']:.4f}{val} "
+                        f"({e['seconds']:.1f}s, {e['images_per_second']:,.0f} img/s)"
+                    )
                 return
-            bar.update(task, completed=p["step"], total=p["steps"], epoch=f"{p['epoch']}/{p['epochs']}",
-                       loss=p["loss"], acc=p["acc"])
+            bar.update(
+                task,
+                completed=p["step"],
+                total=p["steps"],
+                epoch=f"{p['epoch']}/{p['epochs']}",
+                loss=p["loss"],
+                acc=p["acc"],
+            )
 
         metrics = run(data, output, options, resume=resume, force=force, progress=tick)
     if json_out:
         print_json(metrics)
         return
     f = metrics["final"]
-    val = f"validation accuracy {f['val_acc']:.4f} on {metrics['val_rows']:,} rows" if f["val_acc"] is not None \
+    val = (
+        f"validation accuracy {f['val_acc']:.4f} on {metrics['val_rows']:,} rows"
+        if f["val_acc"] is not None
         else "no validation split"
-    out.print(f"trained {metrics['arch']} ({metrics['parameters']:,} parameters) on {metrics['device']}: {val}; "
-              f"model in [bold]{escape(str(output))}[/]")
+    )
+    out.print(
+        f"trained {metrics['arch']} ({metrics['parameters']:,} parameters) on {metrics['device']}: {val}; "
+        f"model in [bold]{escape(str(output))}[/]"
+    )
 
 
 def predict(
@@ -85,8 +111,8 @@ def predict(
 ):
     """Disguise new images with the key (fresh noise), check the key against the model, print the classes."""
     from ..models.artifact import read_meta
-    from ..models.predict import check_key
-    from ..models.predict import predict as run
+    from ..models.prediction import check_key
+    from ..models.prediction import predict as run
 
     fmt = "json" if json_out else fmt
     if fmt not in ("table", "csv", "json"):
@@ -96,8 +122,9 @@ def predict(
     loaded = ks.load(key, use="predict", model=str(model_dir))
     check_key(meta, loaded, model_dir)
     source = open_source(inputs)
-    doc = run(model_dir, source, loaded, top_k=top_k, device=device, fit=fit,
-              public=open_source(public) if public else None)
+    doc = run(
+        model_dir, source, loaded, top_k=top_k, device=device, fit=fit, public=open_source(public) if public else None
+    )
     rows = doc["predictions"]
     if fmt == "json":
         print_json(doc)
@@ -108,8 +135,9 @@ def predict(
         k = len(rows[0]["top"]) if rows else 0
         w.writerow(["input", *[f"{h}{i + 1}" for i in range(k) for h in ("class", "probability")], "label"])
         for r in rows:
-            w.writerow([r["input"], *[v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")],
-                        r["label"] or ""])
+            w.writerow(
+                [r["input"], *[v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")], r["label"] or ""]
+            )
         print(buf.getvalue(), end="")
         return
     table = Table()
@@ -127,5 +155,7 @@ def predict(
     if len(rows) > 200:
         out.print(f"... {len(rows) - 200} more rows (use --format csv or json for all)")
     if doc["accuracy"] is not None:
-        out.print(f"accuracy {doc['accuracy']:.4f} on {doc['labelled']:,} labelled images "
-                  f"(key {escape(loaded.ref)}, key ID {loaded.key_id})")
+        out.print(
+            f"accuracy {doc['accuracy']:.4f} on {doc['labelled']:,} labelled images "
+            f"(key {escape(loaded.ref)}, key ID {loaded.key_id})"
+        )

@@ -133,10 +133,11 @@ def read_meta(f: h5py.File, path: Path) -> Meta:
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{path}: the format version is missing or malformed") from None
     if version not in READABLE_VERSIONS:
+        newer = version > VERSION
         raise FormatError(
             f"{path}: written with disguised-dataset format version {version}, which this dkit "
-            f"({__version__}) cannot read",
-            hint="upgrade dkit" if version > VERSION else None,
+            f"({__version__}) cannot read" + ("; upgrade dkit" if newer else ""),
+            hint="pip install --upgrade dkit" if newer else None,
         )
     missing = [k for k in REQUIRED if k not in a]
     if missing:
@@ -192,8 +193,8 @@ def check_layout(f: h5py.File, meta: Meta, path: Path) -> None:
         raise FormatError(f"{path}: the {want} dataset is missing or short")
     if want == SOFT_LABELS and f[want].shape[1:] != (meta.num_classes,):
         raise FormatError(f"{path}: soft labels have {f[want].shape[1:]} classes, metadata {meta.num_classes}")
-    if SOURCE_IDS not in f or f[SOURCE_IDS].shape[0] < n:
-        raise FormatError(f"{path}: the source_ids dataset is missing or short")
+    if SOURCE_IDS not in f or f[SOURCE_IDS].shape[0] < n or f[SOURCE_IDS].shape[1:] != (ID_BYTES,):
+        raise FormatError(f"{path}: the source_ids dataset is missing, short or malformed")
 
 
 def open_h5(path: Path, mode: str = "r") -> h5py.File:
@@ -302,7 +303,12 @@ class Writer:
                     **opts,
                 )
             self.f.create_dataset(
-                SOURCE_IDS, shape=(0,), maxshape=(None,), dtype=f"S{ID_BYTES}", chunks=(small,), **opts
+                SOURCE_IDS,
+                shape=(0, ID_BYTES),
+                maxshape=(None, ID_BYTES),
+                dtype=np.uint8,
+                chunks=(small, ID_BYTES),
+                **opts,
             )
             self._open_datasets()
             self.f.flush()

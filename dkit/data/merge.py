@@ -132,5 +132,4 @@ def _write_virtual(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
                 rel = os.path.relpath(path.resolve(), out.resolve().parent)
                 layout[r : r + m.rows] = h5py.VirtualSource(rel, name, shape=(m.rows,) + shapes[name])
                 r += m.rows
-            fill = None if name == h5format.SOURCE_IDS else np.zeros((), dtypes[name])
-            f.create_virtual_dataset(name, layout, fillvalue=fill)
+            f.create_virtual_dataset(name, layout, fillvalue=np.zeros((), dtypes[name]))

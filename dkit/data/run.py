@@ -297,7 +297,7 @@ def disguise_source(
                     else (np.concatenate(out_labels) if len(out_labels) > 1 else out_labels[0])
                 )
                 _check_space(partial, len(y) * row_bytes, True)
-                writer.append(y, lab, np.asarray(out_ids, dtype=f"S{h5format.ID_BYTES}"))
+                writer.append(y, lab, np.frombuffer(b"".join(out_ids), dtype=np.uint8).reshape(-1, h5format.ID_BYTES))
                 rows += len(y)
                 report.images += int(ok.sum())
             writer.commit(rows, int(positions[-1]) + 1, skipped)

@@ -3,8 +3,8 @@ artifact format, prediction (owner side, with the key) and the inference wrapper
 
 from .artifact import ModelMeta, load
 from .nets import ARCHS, BlockViT, SimpleCNN, build
-from .predict import predict
-from .train import TrainOptions, train
+from .prediction import predict
+from .training import TrainOptions, train
 from .wrapper import DisguisedModel
 
 __all__ = [

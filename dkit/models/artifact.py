@@ -97,9 +97,11 @@ def read_meta(model_dir: Path) -> ModelMeta:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a dkit model description")
     if doc.get("version") != VERSION:
+        newer = isinstance(doc.get("version"), int) and doc["version"] > VERSION
         raise ArtifactError(
-            f"{path}: model format version {doc.get('version')!r} is not known to this dkit",
-            hint="upgrade dkit" if isinstance(doc.get("version"), int) and doc["version"] > VERSION else None,
+            f"{path}: model format version {doc.get('version')!r} is not known to this dkit"
+            + ("; upgrade dkit" if newer else ""),
+            hint="pip install --upgrade dkit" if newer else None,
         )
     for k, t in _REQUIRED.items():
         if not isinstance(doc.get(k), t) or isinstance(doc.get(k), bool):

@@ -77,7 +77,7 @@ def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[
         raise InputError("--val-fraction must lie in [0, 1)")
     with h5format.open_h5(path) as f:
         ids = f[h5format.SOURCE_IDS][: meta.rows]
-    groups, inverse = np.unique(ids, return_inverse=True)
+    groups, inverse = np.unique(ids, axis=0, return_inverse=True)
     digest = hashlib.sha256(f"{meta.dataset_id}/{seed}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     n_val = int(round(len(groups) * fraction))
@@ -261,9 +261,9 @@ def train(
             round(seen / train_seconds, 1),
         )
         history.append(asdict(stats))
+        _save_checkpoint(ckpt_dir, run_id, model, opt, sched, epoch + 1, history)
         if progress:
             progress({"epoch_done": asdict(stats)})
-        _save_checkpoint(ckpt_dir, run_id, model, opt, sched, epoch + 1, history)
     metrics = {
         "arch": arch,
         "arch_params": arch_params,
@@ -319,7 +319,10 @@ def _save_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched, epoch: int
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "optimizer.pt")
     atomic_write(
         tmp / "progress.json", json.dumps({"run": run_id, "epoch": epoch, "history": history}).encode(), mode=0o644
     )
@@ -347,4 +350,7 @@ def _load_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched) -> tuple[i
     state = artifact.load_checkpoint_state(ckpt_dir / "optimizer.pt")
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(progress["epoch"]), list(progress["history"])

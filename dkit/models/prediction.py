@@ -16,7 +16,7 @@ from ..data.run import _batches
 from ..data.sources import Source
 from ..errors import InputError, KeyMismatch
 from . import artifact
-from .train import pick_device
+from .training import pick_device
 from .wrapper import DisguisedModel
 
 

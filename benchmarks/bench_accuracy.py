@@ -1,0 +1,144 @@
+"""Accuracy on disguised data against the plaintext baseline: same code, same budget.
+
+    python benchmarks/bench_accuracy.py [--datasets mnist,cifar] [--work DIR] [--out results.json]
+
+For each data set, the image folder from ../shared/data is split per class into a training part
+(the first 80% of each class's files) and a held-out part (the rest). Each key disguises the
+training part (`dkit disguise`), a model trains on it (`dkit train`, 10% validation split), and
+the owner predicts the held-out images with the key (`dkit predict`, fresh noise). The identity
+pipeline is the plaintext baseline, made by the same code. Epoch times are the training loop's
+mean seconds per epoch. Results are written as JSON as they come, and printed as a table.
+
+Privacy is measured elsewhere; this script only says what the disguise costs in accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dkit.data import Options, disguise_source, open_source
+from dkit.keystore import Keystore, MemoryBackend
+from dkit.models import TrainOptions, predict, train
+from dkit.params import KeyParams
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+
+# (name, key parameters, architecture, architecture settings, epochs, disguise options)
+MNIST = [
+    ("identity / cnn", dict(pipeline="identity"), "cnn", {}, 10, {}),
+    ("rmt 7x7 noise 100 (paper: per-channel) / cnn", dict(pipeline="rmt", noise=100, channels="shared"), "cnn", {},
+     10, {}),
+    ("perm+rmt 7x7 noise 100 joint / cnn", dict(pipeline="perm,rmt", noise=100), "cnn", {}, 10, {}),
+    ("perm+rmt 7x7 noise 100 joint / blockvit", dict(pipeline="perm,rmt", noise=100), "blockvit", {}, 10, {}),
+    ("identity / blockvit", dict(pipeline="identity"), "blockvit", {}, 10, {}),
+    ("aes 7x7 per-block / cnn", dict(pipeline="aes"), "cnn", {}, 10, {}),
+    ("instahide k=4, T=1 / cnn", dict(pipeline="instahide", k=4), "cnn", {}, 10, {}),
+]
+CIFAR = [
+    ("identity / blockvit", dict(pipeline="identity"), "blockvit", {}, 15, {}),
+    ("perm+rmt 4x4 joint noise 25 / blockvit", dict(pipeline="perm,rmt", noise=25), "blockvit", {}, 15, {}),
+    ("identity / resnet18", dict(pipeline="identity"), "resnet18", {}, 15, {}),
+    ("perm+rmt 4x4 joint noise 25 / resnet18", dict(pipeline="perm,rmt", noise=25), "resnet18", {}, 15, {}),
+    ("perm+aes 4x4 per-block / blockvit", dict(pipeline="perm,aes"), "blockvit", {}, 15, {}),
+    ("instahide k=4, T=1 / resnet18", dict(pipeline="instahide", k=4), "resnet18", {}, 15, {}),
+]
+SETS = {
+    "mnist": ("mnist-10k", "28x28", 7, MNIST),
+    "cifar": ("cifar10-train-20k", "32x32x3", 4, CIFAR),
+}
+
+
+def split_folder(src: Path, dest: Path, train_share: float = 0.8) -> tuple[Path, Path]:
+    tr, te = dest / "train", dest / "test"
+    if tr.exists() and te.exists():
+        return tr, te
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        cut = int(len(files) * train_share)
+        for part, chunk in ((tr, files[:cut]), (te, files[cut:])):
+            (part / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                shutil.copy(f, part / cls.name / f.name)
+    return tr, te
+
+
+def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | None) -> None:
+    archive, shape, block, cases = SETS[name]
+    folder = work / archive
+    if not folder.exists():
+        subprocess.run(["tar", "xzf", str(SHARED / f"{archive}.tar.gz"), "-C", str(work)], check=True)
+    train_dir, test_dir = split_folder(folder, work / f"{name}-split")
+    ks = Keystore(work / "home", backend=MemoryBackend())
+    for label, kw, arch, arch_params, epochs, dopts in cases:
+        row_key = f"{name}: {label}"
+        if only and not any(o in row_key for o in only):
+            continue
+        if row_key in results["rows"]:
+            continue
+        key_name = f"{name}-{len(ks.list())}"
+        params = KeyParams.create(shape, block, kw.pop("pipeline"), **kw)
+        ks.keygen(key_name, params)
+        key = ks.load(key_name)
+        t0 = time.perf_counter()
+        h5 = work / f"{key_name}.h5"
+        disguise_source(open_source(train_dir), h5, key, Options(**dopts), force=True)
+        t_dis = time.perf_counter() - t0
+        model_dir = work / f"model-{key_name}"
+        metrics = train(h5, model_dir, TrainOptions(arch=arch, epochs=epochs, arch_params=arch_params), force=True)
+        pred = predict(model_dir, open_source(test_dir), key)
+        epoch_s = [e["seconds"] for e in metrics["epochs"]]
+        results["rows"][row_key] = {
+            "set": name, "case": label, "key": params.describe(), "arch": arch, "epochs": epochs,
+            "parameters": metrics["parameters"], "train_rows": metrics["train_rows"],
+            "val_acc": metrics["final"]["val_acc"], "test_acc": pred["accuracy"], "test_images": pred["labelled"],
+            "epoch_seconds_mean": statistics.mean(epoch_s), "epoch_seconds_median": statistics.median(epoch_s),
+            "train_img_s_median": statistics.median(e["images_per_second"] for e in metrics["epochs"]),
+            "disguise_seconds": t_dis,
+        }
+        out.write_text(json.dumps(results, indent=2))
+        r = results["rows"][row_key]
+        print(f"{row_key:<60} test {r['test_acc']:.4f} val {r['val_acc']:.4f} "
+              f"epoch {r['epoch_seconds_median']:.1f}s", flush=True)
+
+
+def table(results: dict) -> None:
+    rows = results["rows"]
+    base = {(r["set"], r["arch"]): r["test_acc"] for r in rows.values() if r["key"].endswith("identity")}
+    print(f"\n{'case':<60} {'test acc':>8} {'vs plain':>9} {'epoch s':>8}")
+    for k, r in rows.items():
+        b = base.get((r["set"], r["arch"]))
+        rel = f"{r['test_acc'] / b:8.1%}" if b else "       -"
+        print(f"{k:<60} {r['test_acc']:8.4f} {rel:>9} {r['epoch_seconds_median']:8.1f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="mnist,cifar")
+    ap.add_argument("--work", default=None, help="Working folder (kept, so a rerun skips finished cases).")
+    ap.add_argument("--out", default="accuracy-results.json")
+    ap.add_argument("--only", default=None, help="Comma-separated substrings of the cases to run.")
+    args = ap.parse_args()
+    work = Path(args.work) if args.work else Path("/tmp/dkit-bench-accuracy")
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    results["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+                       "cuda": torch.cuda.is_available()}
+    only = set(args.only.split(",")) if args.only else None
+    for name in args.datasets.split(","):
+        run_set(name, work, results, out, only)
+    table(results)
+
+
+if __name__ == "__main__":
+    main()

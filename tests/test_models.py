@@ -1,0 +1,334 @@
+"""Training, safe model artifacts, prediction with the key, and the inference wrapper."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dkit.data import Options, disguise_source, open_source
+from dkit.derive import source_id
+from dkit.engine import RandomSource
+from dkit.errors import ArtifactError, FormatError, InputError, KeyMismatch, KeyStateError
+from dkit.models import DisguisedModel, TrainOptions, predict, train
+from dkit.models import load as load_model
+from dkit.models.artifact import META, WEIGHTS
+from dkit.models.nets import BlockViT, build
+
+from helpers import make_folder, subset, test_key
+
+TINY_VIT = {"dim": 32, "depth": 1, "heads": 2}
+
+
+@pytest.fixture(scope="module")
+def mnist_small(mnist_folder, tmp_path_factory):
+    """A disguised MNIST subset (rmt 7x7, noise 100), a held-out folder and a trained CNN."""
+    work = tmp_path_factory.mktemp("mnist-model")
+    train_dir = subset(mnist_folder, work / "train", per_class=120)
+    test_dir = work / "test"
+    for cls in sorted(p for p in mnist_folder.iterdir() if p.is_dir()):
+        (test_dir / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[-30:]:
+            shutil.copy(f, test_dir / cls.name / f.name)
+    key = test_key("mnist", shape="28x28", block="7", pipeline="rmt", noise=100, channels="shared")
+    h5 = work / "train.h5"
+    disguise_source(open_source(train_dir), h5, key, Options(workers=0))
+    metrics = train(h5, work / "model", TrainOptions(arch="cnn", epochs=3))
+    return {"work": work, "key": key, "h5": h5, "test": test_dir, "metrics": metrics, "model": work / "model"}
+
+
+def test_training_writes_a_complete_artifact(mnist_small):
+    m, model_dir = mnist_small["metrics"], mnist_small["model"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["metrics.json", "model.json", "model.safetensors"]
+    meta = json.loads((model_dir / META).read_text())
+    assert meta["format"] == "dkit-model" and meta["version"] == 1 and meta["arch"] == "cnn"
+    assert meta["key_id"] == mnist_small["key"].key_id and meta["key_version"] == 1
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["num_classes"] == 10
+    assert len(meta["dataset"]["sha256"]) == 64 and meta["dataset"]["rows"] == 1200
+    assert len(meta["normalization"]["mean"]) == 1
+    assert json.loads((model_dir / "metrics.json").read_text())["final"] == m["final"]
+    assert len(m["epochs"]) == 3 and m["train_rows"] + m["val_rows"] == 1200
+    assert m["final"]["val_acc"] > 0.5  # it learned (chance is 0.1)
+
+
+def test_predict_matches_the_training_report(mnist_small):
+    """Predicting the validation images (found by their keyed source IDs, which only the owner can
+    link to files) with fresh noise reproduces the validation accuracy training reported."""
+    import h5py
+
+    from dkit.models.training import split
+
+    key, work = mnist_small["key"], mnist_small["work"]
+    from dkit.data import inspect
+
+    meta = inspect(mnist_small["h5"])
+    _, val_rows = split(mnist_small["h5"], meta, 0.1, 0)
+    with h5py.File(mnist_small["h5"], "r") as f:
+        val_ids = {bytes(r) for r in f["source_ids"][:][val_rows]}
+    src = open_source(work / "train")
+    val_dir = work / "val"
+    for name in src.names:
+        if source_id(key.material, name) in val_ids:
+            (val_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / "train" / name, val_dir / name)
+    doc = predict(mnist_small["model"], open_source(val_dir), key)
+    assert doc["labelled"] == len(val_rows)
+    assert abs(doc["accuracy"] - mnist_small["metrics"]["final"]["val_acc"]) <= 0.04
+    held_out = predict(mnist_small["model"], open_source(mnist_small["test"]), key)
+    assert held_out["labelled"] == 300 and abs(held_out["accuracy"] - doc["accuracy"]) <= 0.12
+
+
+def test_predict_refuses_other_keys_before_predicting(mnist_small, monkeypatch):
+    import dkit.models.prediction as pred
+
+    def boom(*a, **k):
+        raise AssertionError("no image may be decoded before the key is checked")
+
+    monkeypatch.setattr(pred, "_batches", boom)
+    other = test_key("other", shape="28x28", block="7", pipeline="rmt", noise=100, channels="shared")
+    with pytest.raises(KeyMismatch, match=r"is not the key .* was trained with \(key ID"):
+        predict(mnist_small["model"], open_source(mnist_small["test"]), other)
+
+
+def test_rotate_then_old_version_predicts_then_disable_refuses(mnist_small, keystore, cli, isolated_home, tmp_path):
+    """The Tink flow end to end through the CLI."""
+    r = cli("keygen", "m", "--shape", "28x28", "--block", "7", "--pipeline", "rmt", "--noise", "100")
+    assert r.exit_code == 0
+    src = subset(mnist_small["work"] / "train", tmp_path / "src", per_class=20)
+    assert cli("disguise", src, tmp_path / "m.h5", "--key", "m").exit_code == 0
+    r = cli("train", tmp_path / "m.h5", "-o", tmp_path / "model", "--arch", "cnn", "--epochs", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert cli("keys", "rotate", "m").exit_code == 0
+    r = cli("predict", tmp_path / "model", mnist_small["test"], "--key", "m@1", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["count"] == 300
+    r = cli("predict", tmp_path / "model", mnist_small["test"], "--key", "m")  # the new primary, m@2
+    assert r.exit_code == 1 and "is not the key" in r.stderr and "version 1" in r.stderr
+    assert cli("keys", "disable", "m@1").exit_code == 0
+    r = cli("predict", tmp_path / "model", mnist_small["test"], "--key", "m@1")
+    assert r.exit_code == 1 and "m@1 is disabled" in r.stderr
+    assert cli("keys", "destroy", "m@1", "--yes").exit_code == 0
+    r = cli("predict", tmp_path / "model", mnist_small["test"], "--key", "m@1")
+    assert r.exit_code == 1 and "destroyed" in r.stderr
+    log = (isolated_home / "audit.jsonl").read_text()
+    assert '"action":"predict"' in log
+
+
+def test_predict_formats_and_bad_inputs(mnist_small, cli, tmp_path, isolated_home, memory_backend):
+    from dkit.keystore import Keystore
+
+    # Import the test key into the CLI's store under a name, as an owner would restore a backup.
+    ks = Keystore(isolated_home, backend=memory_backend)
+    rec = ks.keygen("m", mnist_small["key"].params)  # another seed: the model must refuse it
+    assert rec.versions[0].key_id != mnist_small["key"].key_id
+    r = cli("predict", mnist_small["model"], mnist_small["test"], "--key", "m")
+    assert r.exit_code == 1 and "is not the key" in r.stderr
+    doc = predict(mnist_small["model"], open_source(mnist_small["test"]), mnist_small["key"], top_k=2)
+    assert len(doc["predictions"][0]["top"]) == 2
+    p = doc["predictions"][0]["top"]
+    assert p[0]["probability"] >= p[1]["probability"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        predict(mnist_small["model"], open_source(tmp_path / "empty"), mnist_small["key"])
+    wrong = make_folder(tmp_path / "wrong", per_class=2, shape=(32, 32, 1))
+    with pytest.raises(InputError, match=r"0000.png: size 32x32 \(WxH\), but the key expects 28x28"):
+        predict(mnist_small["model"], open_source(wrong), mnist_small["key"])
+
+
+def test_train_bad_inputs(tmp_path, mnist_small):
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(FormatError, match="not a dkit disguised dataset"):
+        train(tmp_path / "other.h5", tmp_path / "m")
+    newer = tmp_path / "newer.h5"
+    shutil.copy(mnist_small["h5"], newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["dkit_format_version"] = 7
+    with pytest.raises(FormatError, match="upgrade dkit"):
+        train(newer, tmp_path / "m")
+    flat = make_folder(tmp_path / "flat", classes=(), per_class=4, shape=(28, 28, 1))
+    disguise_source(open_source(flat), tmp_path / "flat.h5", mnist_small["key"], Options(workers=0))
+    with pytest.raises(InputError, match="no labels"):
+        train(tmp_path / "flat.h5", tmp_path / "m")
+    with pytest.raises(InputError, match="holds a trained model"):
+        train(mnist_small["h5"], mnist_small["model"])
+    with pytest.raises(InputError, match="unknown --arch"):
+        train(mnist_small["h5"], tmp_path / "m2", TrainOptions(arch="vgg"))
+
+
+def test_interrupted_training_resumes(tmp_path, mnist_small):
+    model_dir = tmp_path / "model"
+
+    def stop_after_first_epoch(p):
+        if "epoch_done" in p and p["epoch_done"]["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    opts = TrainOptions(arch="cnn", epochs=2, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(mnist_small["h5"], model_dir, opts, progress=stop_after_first_epoch)
+    assert (model_dir / "checkpoint" / "progress.json").exists() and not (model_dir / META).exists()
+    with pytest.raises(InputError, match="interrupted training run"):
+        train(mnist_small["h5"], model_dir, opts)
+    with pytest.raises(InputError, match="another run"):
+        train(mnist_small["h5"], model_dir, TrainOptions(arch="cnn", epochs=2, seed=4), resume=True)
+    resumed = train(mnist_small["h5"], model_dir, opts, resume=True)
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert not (model_dir / "checkpoint").exists()
+    straight = train(mnist_small["h5"], tmp_path / "straight", opts)
+    # Same seed, same shuffles, same weights, optimizer and dropout state at the resume point: same result.
+    assert straight["final"]["train_loss"] == pytest.approx(resumed["final"]["train_loss"], rel=1e-6)
+    assert straight["final"]["val_acc"] == resumed["final"]["val_acc"]
+
+
+class Payload:
+    """Unpickling this runs code: the attack a model from an untrusted cloud could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_payloads_are_refused(tmp_path, mnist_small):
+    marker = tmp_path / "pwned"
+    bomb = pickle.dumps({"weights": Payload(marker)})
+    tampered = tmp_path / "tampered"
+    shutil.copytree(mnist_small["model"], tampered)
+    (tampered / WEIGHTS).write_bytes(bomb)
+    with pytest.raises(ArtifactError, match="not a valid safetensors file"):
+        load_model(tampered)
+    only_pickle = tmp_path / "only-pickle"
+    only_pickle.mkdir()
+    (only_pickle / "model.pt").write_bytes(bomb)
+    with pytest.raises(ArtifactError, match="never loads pickled models"):
+        load_model(only_pickle)
+    torch_bomb = tmp_path / "optimizer.pt"
+    torch.save({"state": Payload(marker)}, torch_bomb)
+    from dkit.models.artifact import load_checkpoint_state
+
+    with pytest.raises(ArtifactError, match="refused to load"):
+        load_checkpoint_state(torch_bomb)
+    assert not marker.exists()  # no payload ever ran
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda d: d.pop("key_id"), "field 'key_id' is missing"),
+        (lambda d: d.update(key_id="not-hex"), "malformed key ID"),
+        (lambda d: d.update(arch="evil"), "unknown architecture"),
+        (lambda d: d.update(version=9), "upgrade dkit"),
+        (lambda d: d.update(num_classes=3), "do not fit"),
+    ],
+)
+def test_damaged_model_descriptions_are_refused(tmp_path, mnist_small, edit, words):
+    bad = tmp_path / "bad"
+    shutil.copytree(mnist_small["model"], bad)
+    doc = json.loads((bad / META).read_text())
+    edit(doc)
+    (bad / META).write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match=words):
+        load_model(bad)
+
+
+def test_wrapper_disguises_then_calls_the_model(mnist_small):
+    model, meta = load_model(mnist_small["model"])
+    key = mnist_small["key"]
+    net = DisguisedModel(model, key).eval()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8))
+    from dkit.engine import Disguise
+
+    want = model(
+        torch.from_numpy(
+            Disguise.from_key(key).apply(x.permute(0, 2, 3, 1).numpy(), rng=RandomSource.fixed(1))
+        ).permute(0, 3, 1, 2)
+    )
+    got = net(x, rng=RandomSource.fixed(1))
+    torch.testing.assert_close(got, want)
+    nhwc = DisguisedModel(model, key, layout="NHWC")
+    torch.testing.assert_close(nhwc(x.permute(0, 2, 3, 1), rng=RandomSource.fixed(1)), want)
+    assert net.unwrap() is model
+    model.note = "from the cloud"
+    assert net.note == "from the cloud" and net.training is False  # unknown attributes pass through
+    assert set(net.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+    assert key.material.aes is None and "redacted" not in repr(net) and key.key_id in repr(net)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(net)
+
+
+def test_blockvit_blocks_match_the_disguise_layout():
+    """The block-aware model cuts blocks exactly as the disguise does, so E_i meets R_i."""
+    from dkit.engine.geometry import to_blocks
+    from dkit.params import KeyParams
+
+    p = KeyParams.create("8x12x3", "4x3", "rmt")
+    vit = BlockViT(p.shape, p.block, 5, **TINY_VIT)
+    x = np.random.default_rng(0).random((2, 8, 12, 3)).astype(np.float32)
+    got = vit.blocks(torch.from_numpy(x).permute(0, 3, 1, 2)).transpose(0, 1).numpy()
+    np.testing.assert_array_equal(got, to_blocks(x, p))
+    m = build("blockvit", p.shape, p.block, 5, [0] * 3, [1] * 3, **TINY_VIT)
+    assert m(torch.zeros(2, 3, 8, 12)).shape == (2, 5)
+
+
+def test_cifar_block_model_trains_and_predicts(cifar_folder, tmp_path, cli):
+    """A disguised CIFAR file through train and predict (CLI), with the right key and a refused one."""
+    train_dir = subset(cifar_folder, tmp_path / "train", per_class=60)
+    test_dir = tmp_path / "test"
+    for cls in sorted(p for p in cifar_folder.iterdir() if p.is_dir()):
+        (test_dir / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[-10:]:
+            shutil.copy(f, test_dir / cls.name / f.name)
+    assert cli("keygen", "c", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt").exit_code == 0
+    assert cli("keygen", "d", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt").exit_code == 0
+    assert cli("disguise", train_dir, tmp_path / "c.h5", "--key", "c").exit_code == 0
+    r = cli(
+        "train",
+        tmp_path / "c.h5",
+        "-o",
+        tmp_path / "model",
+        "--epochs",
+        "2",
+        "--arch-param",
+        "dim=32",
+        "--arch-param",
+        "depth=1",
+        "--arch-param",
+        "heads=2",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)
+    assert metrics["arch"] == "blockvit" and len(metrics["epochs"]) == 2
+    r = cli("predict", tmp_path / "model", test_dir, "--key", "c", "--format", "csv")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("input,class1,probability1") and len(lines) == 101
+    r = cli("predict", tmp_path / "model", test_dir, "--key", "d")
+    assert r.exit_code == 1 and "is not the key" in r.stderr
+
+
+def test_instahide_soft_labels_train(tmp_path):
+    src = open_source(make_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=20, shape=(8, 8, 3)))
+    key = test_key("ih", shape="8x8x3", block="4", pipeline="instahide", k=2)
+    disguise_source(src, tmp_path / "ih.h5", key, Options(workers=0, encodings=2))
+    m = train(tmp_path / "ih.h5", tmp_path / "model", TrainOptions(arch="cnn", epochs=1))
+    assert m["train_rows"] + m["val_rows"] == 120 and m["final"]["train_loss"] > 0
+    doc = predict(tmp_path / "model", src, key, samples=2)
+    assert doc["count"] == 60 and doc["accuracy"] is not None
+
+
+def test_disabled_keys_are_refused_at_load(keystore):
+    from dkit.params import KeyParams
+
+    keystore.keygen("k", KeyParams.create("28x28", 7, "rmt"))
+    keystore.rotate("k")
+    keystore.disable("k@1")
+    with pytest.raises(KeyStateError, match="disabled"):
+        keystore.load("k@1", use="predict")
