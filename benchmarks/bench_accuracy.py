@@ -72,15 +72,17 @@ def split_folder(src: Path, dest: Path, train_share: float = 0.8) -> tuple[Path,
     return tr, te
 
 
-def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | None) -> None:
+def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | None, epochs: int | None) -> None:
     archive, shape, block, cases = SETS[name]
     folder = work / archive
     if not folder.exists():
         subprocess.run(["tar", "xzf", str(SHARED / f"{archive}.tar.gz"), "-C", str(work)], check=True)
     train_dir, test_dir = split_folder(folder, work / f"{name}-split")
     ks = Keystore(work / "home", backend=MemoryBackend())
-    for label, kw, arch, arch_params, epochs, dopts in cases:
-        row_key = f"{name}: {label}"
+    for label, kw, arch, arch_params, case_epochs, dopts in cases:
+        kw = dict(kw)
+        n_epochs = epochs or case_epochs
+        row_key = f"{name}: {label}, {n_epochs} epochs"
         if only and not any(o in row_key for o in only):
             continue
         if row_key in results["rows"]:
@@ -94,11 +96,11 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
         disguise_source(open_source(train_dir), h5, key, Options(**dopts), force=True)
         t_dis = time.perf_counter() - t0
         model_dir = work / f"model-{key_name}"
-        metrics = train(h5, model_dir, TrainOptions(arch=arch, epochs=epochs, arch_params=arch_params), force=True)
+        metrics = train(h5, model_dir, TrainOptions(arch=arch, epochs=n_epochs, arch_params=arch_params), force=True)
         pred = predict(model_dir, open_source(test_dir), key)
         epoch_s = [e["seconds"] for e in metrics["epochs"]]
         results["rows"][row_key] = {
-            "set": name, "case": label, "key": params.describe(), "arch": arch, "epochs": epochs,
+            "set": name, "case": label, "key": params.describe(), "arch": arch, "epochs": n_epochs,
             "parameters": metrics["parameters"], "train_rows": metrics["train_rows"],
             "val_acc": metrics["final"]["val_acc"], "test_acc": pred["accuracy"], "test_images": pred["labelled"],
             "epoch_seconds_mean": statistics.mean(epoch_s), "epoch_seconds_median": statistics.median(epoch_s),
@@ -113,10 +115,10 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
 
 def table(results: dict) -> None:
     rows = results["rows"]
-    base = {(r["set"], r["arch"]): r["test_acc"] for r in rows.values() if r["key"].endswith("identity")}
+    base = {(r["set"], r["arch"], r["epochs"]): r["test_acc"] for r in rows.values() if r["key"].endswith("identity")}
     print(f"\n{'case':<60} {'test acc':>8} {'vs plain':>9} {'epoch s':>8}")
     for k, r in rows.items():
-        b = base.get((r["set"], r["arch"]))
+        b = base.get((r["set"], r["arch"], r["epochs"]))
         rel = f"{r['test_acc'] / b:8.1%}" if b else "       -"
         print(f"{k:<60} {r['test_acc']:8.4f} {rel:>9} {r['epoch_seconds_median']:8.1f}")
 
@@ -127,6 +129,7 @@ def main():
     ap.add_argument("--work", default=None, help="Working folder (kept, so a rerun skips finished cases).")
     ap.add_argument("--out", default="accuracy-results.json")
     ap.add_argument("--only", default=None, help="Comma-separated substrings of the cases to run.")
+    ap.add_argument("--epochs", type=int, default=None, help="Epochs for every case (default: each case's).")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path("/tmp/dkit-bench-accuracy")
     work.mkdir(parents=True, exist_ok=True)
@@ -136,7 +139,7 @@ def main():
                        "cuda": torch.cuda.is_available()}
     only = set(args.only.split(",")) if args.only else None
     for name in args.datasets.split(","):
-        run_set(name, work, results, out, only)
+        run_set(name, work, results, out, only, args.epochs)
     table(results)
 
 
