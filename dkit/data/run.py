@@ -32,6 +32,7 @@ from .decode import DEFAULT_MAX_PIXELS, DecodeError, Policy, warm
 from .sources import Source
 
 BATCH = 2048
+BATCH_BYTES = 64 << 20  # a batch's disguised rows; memory stays bounded whatever the image size
 
 
 @dataclass
@@ -184,13 +185,9 @@ def disguise_source(
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such folder")
     if force:
-        for p in (partial,):
-            if p.exists():
-                p.unlink()
+        _remove(partial)
     d = Disguise.from_key(key)
     params = key.params
-    if d.instahide is not None and source.labels is None and params.mix == "inside":
-        pass  # unlabelled InstaHide is allowed: no labels are written
     if d.instahide is None and options.encodings != 1:
         raise InputError("--encodings applies to instahide keys only")
     if d.instahide is not None and params.mix == "cross" and public is None and params.k > 1:
@@ -234,8 +231,9 @@ def disguise_source(
     if d.instahide is not None and params.k > 1:
         pool_images, pool_labels = _instahide_pool(d, source, public, policy, workers, options.batch)
     chunk = h5format.Writer.chunk_for(meta)
-    batch = max(chunk, options.batch // chunk * chunk)
     row_bytes = _row_bytes(meta)
+    rows_per_batch = min(options.batch, max(1, BATCH_BYTES // (row_bytes * options.encodings)))
+    batch = max(chunk, rows_per_batch // chunk * chunk)
     _check_space(partial, (end - pos) * options.encodings * row_bytes, partial.exists())
     # Fork the decoding workers before the output is opened, so that none of them holds its file
     # (and HDF5's lock on it) should this process be killed.
@@ -246,8 +244,8 @@ def disguise_source(
         if resumed is None:
             _remove(partial)
         raise _write_error(partial, e) from None
+    buf = None if d.instahide is not None else np.empty((batch,) + params.shape, dtype=options.dtype)
     try:
-        buf = None
         for positions, imgs, ok, errors, notes, t_dec in batches:
             report.seconds["decode"] += t_dec
             report.conversions.update(notes)
@@ -259,45 +257,14 @@ def disguise_source(
                 report.skipped += [(name, problem) for _, name, problem, _ in errors]
                 skipped += len(errors)
             t0 = time.perf_counter()
-            out_rows, out_labels, out_ids = [], [], []
-            for run in _runs(ok):
-                p0, p1 = int(positions[run[0]]), int(positions[run[-1]]) + 1
-                x = imgs[run[0] : run[-1] + 1]
-                labels = source.labels[p0:p1] if source.labels is not None else None
-                names = source.names[p0:p1]
-                if d.instahide is not None:
-                    y, soft = d.encode(
-                        x,
-                        labels,
-                        num_classes=max(1, num_classes),
-                        encodings=options.encodings,
-                        pool=pool_images,
-                        pool_labels=pool_labels,
-                        rng=rng,
-                        start=p0,
-                        dtype=options.dtype,
-                    )
-                    out_rows.append(y)
-                    out_labels.append(soft)
-                    out_ids += [source_id(d.material, nm) for nm in names for _ in range(options.encodings)]
-                else:
-                    if buf is None:
-                        buf = np.empty((batch,) + params.shape, dtype=options.dtype)
-                    k = sum(len(r) for r in out_rows)
-                    out_rows.append(d.apply(x, rng=rng, start=p0, dtype=options.dtype, out=buf[k : k + len(x)]))
-                    out_labels.append(labels)
-                    out_ids += [source_id(d.material, nm) for nm in names]
+            y, lab, ids = _disguise_batch(
+                d, source, positions, imgs, ok, options, num_classes, label_kind, pool_images, pool_labels, rng, buf
+            )
             t1 = time.perf_counter()
             report.seconds["disguise"] += t1 - t0
-            if out_rows:
-                y = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
-                lab = (
-                    None
-                    if label_kind == "none"
-                    else (np.concatenate(out_labels) if len(out_labels) > 1 else out_labels[0])
-                )
+            if y is not None:
                 _check_space(partial, len(y) * row_bytes, True)
-                writer.append(y, lab, np.frombuffer(b"".join(out_ids), dtype=np.uint8).reshape(-1, h5format.ID_BYTES))
+                writer.append(y, lab, ids)
                 rows += len(y)
                 report.images += int(ok.sum())
             writer.commit(rows, int(positions[-1]) + 1, skipped)
@@ -320,6 +287,45 @@ def disguise_source(
     report.rows = rows
     report.seconds["total"] = time.perf_counter() - t_start
     return report
+
+
+def _disguise_batch(
+    d, source, positions, imgs, ok, options, num_classes, label_kind, pool_images, pool_labels, rng, buf
+):
+    """Disguise the decoded items of one batch. Each run of consecutive items is disguised with the
+    randomness of its listing positions. Returns (rows, labels, source IDs), or Nones for none."""
+    out_rows, out_labels, out_ids = [], [], []
+    for run in _runs(ok):
+        p0, p1 = int(positions[run[0]]), int(positions[run[-1]]) + 1
+        x = imgs[run[0] : run[-1] + 1]
+        labels = source.labels[p0:p1] if source.labels is not None else None
+        names = source.names[p0:p1]
+        if d.instahide is not None:
+            y, soft = d.encode(
+                x,
+                labels,
+                num_classes=max(1, num_classes),
+                encodings=options.encodings,
+                pool=pool_images,
+                pool_labels=pool_labels,
+                rng=rng,
+                start=p0,
+                dtype=options.dtype,
+            )
+            out_rows.append(y)
+            out_labels.append(soft)
+            out_ids += [source_id(d.material, nm) for nm in names for _ in range(options.encodings)]
+        else:
+            k = sum(len(r) for r in out_rows)
+            out_rows.append(d.apply(x, rng=rng, start=p0, dtype=options.dtype, out=buf[k : k + len(x)]))
+            out_labels.append(labels)
+            out_ids += [source_id(d.material, nm) for nm in names]
+    if not out_rows:
+        return None, None, None
+    y = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
+    lab = None if label_kind == "none" else (np.concatenate(out_labels) if len(out_labels) > 1 else out_labels[0])
+    ids = np.frombuffer(b"".join(out_ids), dtype=np.uint8).reshape(-1, h5format.ID_BYTES)
+    return y, lab, ids
 
 
 def _row_bytes(meta: h5format.Meta) -> int:
