@@ -307,3 +307,18 @@ def test_instahide_masks_differ_between_runs_by_default():
     a, _ = d.encode(x, np.zeros(6, int), num_classes=1)
     b, _ = d.encode(x, np.zeros(6, int), num_classes=1)
     assert not np.allclose(a, b)
+
+
+def test_mixing_disguised_images_is_disguising_mixed_images():
+    """perm and RMT are linear, which is what makes mixup valid on the cloud side (dkit train --mixup)."""
+    d = make("16x16x3", 4, "perm,rmt", noise=0)
+    rng = np.random.default_rng(9)
+    x1, x2 = images(rng, 2, (16, 16, 3)).astype(np.float64)
+    lam = 0.3
+    mixed_then_disguised = d.apply(lam * x1 + (1 - lam) * x2)
+    disguised_then_mixed = lam * d.apply(x1) + (1 - lam) * d.apply(x2)
+    np.testing.assert_allclose(mixed_then_disguised, disguised_then_mixed, rtol=0, atol=1e-3)
+    a = make("16x16x3", 4, "perm,aes")  # AES is not linear: mixup only regularises there
+    assert not np.allclose(
+        a.apply(np.rint(lam * x1 + (1 - lam) * x2)), lam * a.apply(x1) + (1 - lam) * a.apply(x2), atol=1
+    )

@@ -169,14 +169,14 @@ def test_interrupted_training_resumes(tmp_path, mnist_small):
         if "epoch_done" in p and p["epoch_done"]["epoch"] == 1:
             raise KeyboardInterrupt
 
-    opts = TrainOptions(arch="cnn", epochs=2, seed=3)
+    opts = TrainOptions(arch="cnn", epochs=2, seed=3, mixup=0.2)
     with pytest.raises(KeyboardInterrupt):
         train(mnist_small["h5"], model_dir, opts, progress=stop_after_first_epoch)
     assert (model_dir / "checkpoint" / "progress.json").exists() and not (model_dir / META).exists()
     with pytest.raises(InputError, match="interrupted training run"):
         train(mnist_small["h5"], model_dir, opts)
     with pytest.raises(InputError, match="another run"):
-        train(mnist_small["h5"], model_dir, TrainOptions(arch="cnn", epochs=2, seed=4), resume=True)
+        train(mnist_small["h5"], model_dir, TrainOptions(arch="cnn", epochs=2, seed=4, mixup=0.2), resume=True)
     resumed = train(mnist_small["h5"], model_dir, opts, resume=True)
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
     assert not (model_dir / "checkpoint").exists()

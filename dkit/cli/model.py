@@ -29,6 +29,7 @@ def train(
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of source images held out for validation."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed"),
+    mixup: float = typer.Option(0.0, "--mixup", help="Mixup alpha (0: off); valid on perm/RMT disguises."),
     arch_param: list[str] = typer.Option([], "--arch-param", help="Architecture setting KEY=INT, e.g. depth=4."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace a model or an interrupted run in the folder."),
@@ -53,6 +54,7 @@ def train(
         seed=seed,
         device=device,
         arch_params=params,
+        mixup=mixup,
     )
     columns = [
         TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),

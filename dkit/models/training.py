@@ -43,6 +43,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     arch_params: dict = field(default_factory=dict)
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing; 0 turns it off
 
     def resolved_arch(self, meta: h5format.Meta) -> str:
         if self.arch != "auto":
@@ -116,6 +117,16 @@ class EpochStats:
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
     target = y.argmax(dim=1) if y.ndim == 2 else y
     return int((logits.argmax(dim=1) == target).sum())
+
+
+def _mixup(x, y, num_classes: int, alpha: float, rng: np.random.Generator):
+    """Mixup (Zhang et al. 2018): a convex mix of two images and of their labels. It is valid on
+    disguised data: perm and RMT are linear, so mixing disguised images is disguising mixed images
+    (with mixed noise). AES is not linear, so mixup only regularises there."""
+    lam = float(rng.beta(alpha, alpha))
+    other = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    onehot = y if y.ndim == 2 else F.one_hot(y, num_classes).to(x.dtype)
+    return lam * x + (1 - lam) * x[other], lam * onehot + (1 - lam) * onehot[other]
 
 
 def _loss(logits, y):
@@ -215,6 +226,7 @@ def train(
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=gen)
+        mix_rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run mixes alike
         seen, correct, loss_sum = 0, 0, 0.0
         for step in range(steps_per_epoch):
             idx = order[step * options.batch_size : (step + 1) * options.batch_size]
@@ -225,9 +237,12 @@ def train(
                     xb = xb.contiguous(memory_format=torch.channels_last)
             else:
                 xb, yb = x_tr[idx], y_tr[idx]
+            target = _mixup(xb, yb, num_classes, options.mixup, mix_rng) if options.mixup > 0 else None
+            if target is not None:
+                xb, target = target
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(xb)
-                loss = _loss(logits.float(), yb)
+                loss = _loss(logits.float(), yb if target is None else target)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
