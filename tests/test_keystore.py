@@ -101,6 +101,14 @@ def test_export_import_round_trip(keystore, tmp_path):
     other.backend._items.clear()
     other.import_(tmp_path / "k.backup", PHRASE)
     assert other.load("k@2").key_id == before[2].key_id
+    # A version destroyed here after the backup comes back from it, disabled until enabled on purpose.
+    other.destroy("k@2")
+    with pytest.raises(KeyStateError, match="destroyed"):
+        other.load("k@2")
+    rec = other.import_(tmp_path / "k.backup", PHRASE)
+    assert rec.version(2).status == "disabled" and rec.version(1).status == "destroyed"
+    other.enable("k@2")
+    assert other.load("k@2").key_id == before[2].key_id
     third = Keystore(tmp_path / "third", backend=MemoryBackend())
     third.keygen("k", P)
     with pytest.raises(KeyExists, match="different key named 'k'"):

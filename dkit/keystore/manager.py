@@ -276,7 +276,7 @@ class Keystore:
             if v.status == "destroyed":
                 raise KeyStateError(
                     f"{rec.name}@{v.version} is destroyed and its secret is gone",
-                    hint="restore it from a backup with dkit keys import FILE",
+                    hint="restore it from a backup with dkit keys import FILE (it comes back disabled)",
                 )
             if v.status == "enabled":
                 return rec, v
@@ -312,7 +312,7 @@ class Keystore:
             hint = (
                 f"enable it with dkit keys enable {name}@{v.version}"
                 if v.status == "disabled"
-                else "its secret is gone; restore it from a backup with dkit keys import FILE"
+                else "its secret is gone; restore it from a backup with dkit keys import FILE (it comes back disabled)"
             )
             raise KeyStateError(f"key {name}@{v.version} is {v.status} and cannot be used", hint=hint)
         self._check_store(v, name)
@@ -366,14 +366,24 @@ class Keystore:
             for v in record.versions:
                 mine = next((m for m in merged.versions if m.version == v.version), None)
                 status = (mine or v).status
-                if status != "destroyed" and v.version in seeds:
-                    self.backend.set(self._label(state, target, v.version), seeds[v.version])
-                    restored.append(v.version)
-                if mine is None or mine.secret_store != self.backend.name and status != "destroyed":
-                    nv = VersionRecord(
-                        v.version, status, v.created, v.key_id, v.params, self.backend.name, (mine or v).changed
-                    )
-                    merged = merged.with_version(nv)
+                if v.version not in seeds:  # destroyed before the backup was made
+                    if mine is None:
+                        merged = merged.with_version(v)
+                    continue
+                if status == "destroyed":
+                    status = "disabled"  # a version destroyed here comes back disabled: enable it on purpose
+                self.backend.set(self._label(state, target, v.version), seeds[v.version])
+                restored.append(v.version)
+                nv = VersionRecord(
+                    v.version,
+                    status,
+                    v.created,
+                    v.key_id,
+                    v.params,
+                    self.backend.name,
+                    self._now() if mine is not None and mine.status != status else (mine or v).changed,
+                )
+                merged = merged.with_version(nv)
             state.keys[target] = merged
             self._log(state, "import", target, None, versions=restored)
         return merged
