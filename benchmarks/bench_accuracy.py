@@ -33,11 +33,17 @@ from dkit.params import KeyParams
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 
-# (name, key parameters, architecture, architecture settings, epochs, disguise options)
+# (name, key parameters, architecture, architecture settings, epochs, disguise options[, training options])
 MNIST = [
     ("identity / cnn", dict(pipeline="identity"), "cnn", {}, 10, {}),
-    ("rmt 7x7 noise 100 (paper: per-channel) / cnn", dict(pipeline="rmt", noise=100, channels="shared"), "cnn", {},
-     10, {}),
+    (
+        "rmt 7x7 noise 100 (paper: per-channel) / cnn",
+        dict(pipeline="rmt", noise=100, channels="shared"),
+        "cnn",
+        {},
+        10,
+        {},
+    ),
     ("perm+rmt 7x7 noise 100 joint / cnn", dict(pipeline="perm,rmt", noise=100), "cnn", {}, 10, {}),
     ("perm+rmt 7x7 noise 100 joint / blockvit", dict(pipeline="perm,rmt", noise=100), "blockvit", {}, 10, {}),
     ("identity / blockvit", dict(pipeline="identity"), "blockvit", {}, 10, {}),
@@ -51,6 +57,16 @@ CIFAR = [
     ("perm+rmt 4x4 joint noise 25 / resnet18", dict(pipeline="perm,rmt", noise=25), "resnet18", {}, 15, {}),
     ("perm+aes 4x4 per-block / blockvit", dict(pipeline="perm,aes"), "blockvit", {}, 15, {}),
     ("instahide k=4, T=1 / resnet18", dict(pipeline="instahide", k=4), "resnet18", {}, 15, {}),
+    ("identity / blockvit, mixup 0.2", dict(pipeline="identity"), "blockvit", {}, 15, {}, {"mixup": 0.2}),
+    (
+        "perm+rmt 4x4 joint noise 25 / blockvit, mixup 0.2",
+        dict(pipeline="perm,rmt", noise=25),
+        "blockvit",
+        {},
+        15,
+        {},
+        {"mixup": 0.2},
+    ),
 ]
 SETS = {
     "mnist": ("mnist-10k", "28x28", 7, MNIST),
@@ -79,8 +95,9 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
         subprocess.run(["tar", "xzf", str(SHARED / f"{archive}.tar.gz"), "-C", str(work)], check=True)
     train_dir, test_dir = split_folder(folder, work / f"{name}-split")
     ks = Keystore(work / "home", backend=MemoryBackend())
-    for label, kw, arch, arch_params, case_epochs, dopts in cases:
+    for label, kw, arch, arch_params, case_epochs, dopts, *topts in cases:
         kw = dict(kw)
+        topts = topts[0] if topts else {}
         n_epochs = epochs or case_epochs
         row_key = f"{name}: {label}, {n_epochs} epochs"
         if only and not any(o in row_key for o in only):
@@ -96,29 +113,50 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
         disguise_source(open_source(train_dir), h5, key, Options(**dopts), force=True)
         t_dis = time.perf_counter() - t0
         model_dir = work / f"model-{key_name}"
-        metrics = train(h5, model_dir, TrainOptions(arch=arch, epochs=n_epochs, arch_params=arch_params), force=True)
+        metrics = train(
+            h5, model_dir, TrainOptions(arch=arch, epochs=n_epochs, arch_params=arch_params, **topts), force=True
+        )
         pred = predict(model_dir, open_source(test_dir), key)
+        by_samples = {}
+        if not params.has("identity") and not params.has("instahide"):
+            for n_samples in (4, 16):  # the owner may average over fresh noise
+                by_samples[n_samples] = predict(model_dir, open_source(test_dir), key, samples=n_samples)["accuracy"]
         epoch_s = [e["seconds"] for e in metrics["epochs"]]
         results["rows"][row_key] = {
-            "set": name, "case": label, "key": params.describe(), "arch": arch, "epochs": n_epochs,
-            "parameters": metrics["parameters"], "train_rows": metrics["train_rows"],
-            "val_acc": metrics["final"]["val_acc"], "test_acc": pred["accuracy"], "test_images": pred["labelled"],
-            "epoch_seconds_mean": statistics.mean(epoch_s), "epoch_seconds_median": statistics.median(epoch_s),
+            "set": name,
+            "case": label,
+            "key": params.describe(),
+            "arch": arch,
+            "epochs": n_epochs,
+            "train": topts,
+            "parameters": metrics["parameters"],
+            "train_rows": metrics["train_rows"],
+            "val_acc": metrics["final"]["val_acc"],
+            "test_acc": pred["accuracy"],
+            "test_images": pred["labelled"],
+            "epoch_seconds_mean": statistics.mean(epoch_s),
+            "epoch_seconds_median": statistics.median(epoch_s),
             "train_img_s_median": statistics.median(e["images_per_second"] for e in metrics["epochs"]),
             "disguise_seconds": t_dis,
         }
         out.write_text(json.dumps(results, indent=2))
         r = results["rows"][row_key]
-        print(f"{row_key:<60} test {r['test_acc']:.4f} val {r['val_acc']:.4f} "
-              f"epoch {r['epoch_seconds_median']:.1f}s", flush=True)
+        print(
+            f"{row_key:<60} test {r['test_acc']:.4f} val {r['val_acc']:.4f} epoch {r['epoch_seconds_median']:.1f}s",
+            flush=True,
+        )
 
 
 def table(results: dict) -> None:
     rows = results["rows"]
-    base = {(r["set"], r["arch"], r["epochs"]): r["test_acc"] for r in rows.values() if r["key"].endswith("identity")}
+
+    def cfg(r):
+        return (r["set"], r["arch"], r["epochs"], json.dumps(r.get("train", {}), sort_keys=True))
+
+    base = {cfg(r): r["test_acc"] for r in rows.values() if r["key"].endswith("identity")}
     print(f"\n{'case':<60} {'test acc':>8} {'vs plain':>9} {'epoch s':>8}")
     for k, r in rows.items():
-        b = base.get((r["set"], r["arch"], r["epochs"]))
+        b = base.get(cfg(r))
         rel = f"{r['test_acc'] / b:8.1%}" if b else "       -"
         print(f"{k:<60} {r['test_acc']:8.4f} {rel:>9} {r['epoch_seconds_median']:8.1f}")
 
@@ -135,8 +173,12 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"rows": {}}
-    results["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-                       "cuda": torch.cuda.is_available()}
+    results["meta"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "cuda": torch.cuda.is_available(),
+    }
     only = set(args.only.split(",")) if args.only else None
     for name in args.datasets.split(","):
         run_set(name, work, results, out, only, args.epochs)

@@ -44,8 +44,9 @@ def main():
         subprocess.run(["tar", "xzf", args.archive, "-C", str(tmp)], check=True)
         folder = next(p for p in tmp.iterdir() if p.is_dir())
         ks = Keystore(tmp / "home", backend=MemoryBackend())
-        params = KeyParams.create(args.shape, args.block, args.pipeline,
-                                  noise=args.noise if "rmt" in args.pipeline else None)
+        params = KeyParams.create(
+            args.shape, args.block, args.pipeline, noise=args.noise if "rmt" in args.pipeline else None
+        )
         ks.keygen("bench", params)
         key = ks.load("bench")
         source = open_source(folder)
@@ -65,7 +66,10 @@ def main():
             decode_rates.append(n / (time.perf_counter() - t0))
         rates = [r["images_per_second"] for r in runs]
         doc = {
-            "images": n, "workers": workers, "cpus": cpus, "key": params.describe(),
+            "images": n,
+            "workers": workers,
+            "cpus": cpus,
+            "key": params.describe(),
             "end_to_end_img_s": {"best": max(rates), "median": statistics.median(rates), "runs": rates},
             "decode_only_img_s": {"best": max(decode_rates), "median": statistics.median(decode_rates)},
             "split_seconds_of_best": runs[rates.index(max(rates))]["seconds"],
@@ -76,11 +80,15 @@ def main():
         return
     e, dlim, s = doc["end_to_end_img_s"], doc["decode_only_img_s"], doc["split_seconds_of_best"]
     print(f"{n:,} images, {doc['key']}, {workers} decoding processes on {cpus} CPUs")
-    print(f"end to end: best {e['best']:,.0f} img/s, median {e['median']:,.0f} img/s "
-          f"(runs: {', '.join(f'{r:,.0f}' for r in e['runs'])})")
+    print(
+        f"end to end: best {e['best']:,.0f} img/s, median {e['median']:,.0f} img/s "
+        f"(runs: {', '.join(f'{r:,.0f}' for r in e['runs'])})"
+    )
     print(f"decode only (same processes, nothing else): best {dlim['best']:,.0f} img/s, median {dlim['median']:,.0f}")
-    print(f"split of the best run: total {s['total']:.2f}s; decode {s['decode']:.2f}s summed over workers, "
-          f"disguise {s['disguise']:.2f}s, write {s['write']:.2f}s (main process)")
+    print(
+        f"split of the best run: total {s['total']:.2f}s; decode {s['decode']:.2f}s summed over workers, "
+        f"disguise {s['disguise']:.2f}s, write {s['write']:.2f}s (main process)"
+    )
     print(f"output {doc['file_bytes'] / 2**20:,.0f} MiB")
 
 

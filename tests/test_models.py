@@ -332,3 +332,16 @@ def test_disabled_keys_are_refused_at_load(keystore):
     keystore.disable("k@1")
     with pytest.raises(KeyStateError, match="disabled"):
         keystore.load("k@1", use="predict")
+
+
+def test_wrapper_averages_over_fresh_noise(mnist_small):
+    model, _ = load_model(mnist_small["model"])
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8))
+    noisy = DisguisedModel(model, mnist_small["key"], samples=3).eval()
+    out = noisy(x)
+    assert out.shape == (5, 10)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(5))
+    quiet = test_key("quiet", shape="28x28", block="7", pipeline="rmt", noise=0, channels="shared")
+    one, three = DisguisedModel(model, quiet).eval(), DisguisedModel(model, quiet, samples=3).eval()
+    with torch.no_grad():  # without noise every sample is the same disguise: averaging changes nothing
+        torch.testing.assert_close(three(x), torch.log_softmax(one(x), dim=1), atol=1e-5, rtol=1e-5)

@@ -109,6 +109,9 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     fit: str | None = typer.Option(None, "--fit", help="Size policy (default: the training data's)."),
     public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public set to mix with."),
+    samples: int | None = typer.Option(
+        None, "--samples", help="Disguises per image, probabilities averaged (default 1; 4 for InstaHide)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ):
     """Disguise new images with the key (fresh noise), check the key against the model, print the classes."""
@@ -125,7 +128,14 @@ def predict(
     check_key(meta, loaded, model_dir)
     source = open_source(inputs)
     doc = run(
-        model_dir, source, loaded, top_k=top_k, device=device, fit=fit, public=open_source(public) if public else None
+        model_dir,
+        source,
+        loaded,
+        top_k=top_k,
+        device=device,
+        fit=fit,
+        samples=samples,
+        public=open_source(public) if public else None,
     )
     rows = doc["predictions"]
     if fmt == "json":

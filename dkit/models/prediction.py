@@ -54,7 +54,7 @@ def predict(
     fit: str | None = None,
     convert: bool | None = None,
     public: Source | None = None,
-    samples: int = 4,
+    samples: int | None = None,
 ) -> dict:
     model_dir = Path(model_dir)
     meta = artifact.read_meta(model_dir)

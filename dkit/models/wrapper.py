@@ -19,16 +19,20 @@ from ..engine import Disguise, RandomSource
 
 
 class DisguisedModel(nn.Module):
-    def __init__(self, model: nn.Module, key, *, layout: str = "NCHW", pool=None, samples: int = 4):
+    def __init__(self, model: nn.Module, key, *, layout: str = "NCHW", pool=None, samples: int | None = None):
         """``key``: a LoadedKey (or KeyMaterial). ``layout``: of the inputs, NCHW or NHWC.
-        InstaHide keys mix each input with images of ``pool`` (default: the rest of the batch) and
-        average the model's probabilities over ``samples`` encodings."""
+        ``samples``: disguise each input that many times (fresh noise, or fresh InstaHide mixes and
+        masks) and return the log of the averaged probabilities; default 1, and 4 for InstaHide,
+        whose keys mix each input with images of ``pool`` (default: the rest of the batch)."""
         super().__init__()
         if layout not in ("NCHW", "NHWC"):
             raise ValueError("layout is NCHW or NHWC")
         self.model = model
         self.layout = layout
-        self.samples = int(samples)
+        is_mix = Disguise.from_key(key).instahide is not None
+        self.samples = int(samples) if samples is not None else (4 if is_mix else 1)
+        if self.samples < 1:
+            raise ValueError("samples must be at least 1")
         object.__setattr__(self, "_disguise", Disguise.from_key(key))
         object.__setattr__(self, "_pool", None if pool is None else np.asarray(pool))
 
@@ -67,9 +71,15 @@ class DisguisedModel(nn.Module):
         return y.permute(0, 3, 1, 2).contiguous().to(device)
 
     def forward(self, x, rng: RandomSource | None = None):
-        if self._disguise.instahide is None:
+        if self._disguise.instahide is not None:
+            return self._instahide_forward(x, rng)
+        if self.samples == 1:
             return self.model(self.disguise(x, rng))
-        return self._instahide_forward(x, rng)
+        # Average over fresh noise: the noise is what the owner can average away, the key is not.
+        n = len(x)
+        rep = torch.as_tensor(x).repeat((self.samples,) + (1,) * (torch.as_tensor(x).ndim - 1))
+        probs = torch.softmax(self.model(self.disguise(rep, rng)).float(), dim=1)
+        return torch.log(probs.view(self.samples, n, -1).mean(dim=0))
 
     def _instahide_forward(self, x, rng):
         device = self._device()
