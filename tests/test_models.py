@@ -277,14 +277,16 @@ def test_blockvit_blocks_match_the_disguise_layout():
     assert m(torch.zeros(2, 3, 8, 12)).shape == (2, 5)
 
 
-def test_cifar_block_model_trains_and_predicts(cifar_folder, tmp_path, cli):
-    """A disguised CIFAR file through train and predict (CLI), with the right key and a refused one."""
-    train_dir = subset(cifar_folder, tmp_path / "train", per_class=60)
-    test_dir = tmp_path / "test"
-    for cls in sorted(p for p in cifar_folder.iterdir() if p.is_dir()):
-        (test_dir / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[-10:]:
-            shutil.copy(f, test_dir / cls.name / f.name)
+def test_cifar_block_model_trains_and_predicts(cifar_folder, tmp_path, cli, isolated_home, memory_backend):
+    """A disguised CIFAR file through train and predict (CLI): predicting the validation images with
+    the right key reproduces the reported validation accuracy; another key is refused."""
+    import h5py
+
+    from dkit.data import inspect
+    from dkit.keystore import Keystore
+    from dkit.models.training import split
+
+    train_dir = subset(cifar_folder, tmp_path / "train", per_class=100)
     assert cli("keygen", "c", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt").exit_code == 0
     assert cli("keygen", "d", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt").exit_code == 0
     assert cli("disguise", train_dir, tmp_path / "c.h5", "--key", "c").exit_code == 0
@@ -294,24 +296,43 @@ def test_cifar_block_model_trains_and_predicts(cifar_folder, tmp_path, cli):
         "-o",
         tmp_path / "model",
         "--epochs",
-        "2",
+        "3",
         "--arch-param",
-        "dim=32",
+        "dim=48",
         "--arch-param",
         "depth=1",
         "--arch-param",
         "heads=2",
+        "--val-fraction",
+        "0.2",
         "--json",
     )
     assert r.exit_code == 0, r.output
     metrics = json.loads(r.stdout)
-    assert metrics["arch"] == "blockvit" and len(metrics["epochs"]) == 2
-    r = cli("predict", tmp_path / "model", test_dir, "--key", "c", "--format", "csv")
+    assert metrics["arch"] == "blockvit" and len(metrics["epochs"]) == 3 and metrics["val_rows"] == 200
+    # The owner finds the validation images by their keyed source IDs and predicts them with fresh noise.
+    key = Keystore(isolated_home, backend=memory_backend).load("c")
+    _, val_rows = split(tmp_path / "c.h5", inspect(tmp_path / "c.h5"), 0.2, 0)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        val_ids = {bytes(r) for r in f["source_ids"][:][val_rows]}
+    val_dir = tmp_path / "val"
+    for name in open_source(train_dir).names:
+        if source_id(key.material, name) in val_ids:
+            (val_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(train_dir / name, val_dir / name)
+    r = cli("predict", tmp_path / "model", val_dir, "--key", "c", "--json")
     assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["labelled"] == 200
+    assert abs(doc["accuracy"] - metrics["final"]["val_acc"]) <= 0.05
+    r = cli("predict", tmp_path / "model", val_dir, "--key", "c", "--format", "csv")
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("input,class1,probability1") and len(lines) == 101
-    r = cli("predict", tmp_path / "model", test_dir, "--key", "d")
+    assert r.exit_code == 0 and lines[0].startswith("input,class1,probability1") and len(lines) == 201
+    r = cli("predict", tmp_path / "model", val_dir, "--key", "d")
     assert r.exit_code == 1 and "is not the key" in r.stderr
+    assert cli("keys", "rotate", "c").exit_code == 0
+    r = cli("predict", tmp_path / "model", val_dir, "--key", "c")  # now c@2
+    assert r.exit_code == 1 and "version 1" in r.stderr
 
 
 def test_instahide_soft_labels_train(tmp_path):
