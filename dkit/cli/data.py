@@ -11,7 +11,6 @@ from rich.text import Text
 
 from ..data import Options, disguise_source, inspect, merge, open_source, parse_shard, verify
 from ..data.decode import DEFAULT_MAX_PIXELS, FITS
-from ..data.preview import preview as make_preview
 from ..errors import InputError
 from . import common
 from .common import err, escape, out, print_json
@@ -172,6 +171,8 @@ def preview_cmd(
     json_out: bool = JSON,
 ):
     """Owner side: a PNG grid of what the key recovers beside what the cloud sees."""
+    from ..data.preview import preview as make_preview
+
     loaded = common.open_keystore().load(key, use="preview", file=str(file))
     doc = make_preview(file, loaded, output, count=count)
     if json_out:

@@ -12,16 +12,17 @@ from rich.table import Table
 
 from ..data import open_source
 from ..errors import InputError
-from ..models.nets import ARCHS
 from . import common
 from .common import err, escape, out, print_json
+
+ARCH_NAMES = ("cnn", "resnet18", "blockvit")  # dkit.models.nets.ARCHS, named here to keep torch out of start-up
 
 
 def train(
     data: Path = typer.Argument(..., help="A disguised HDF5 file (dkit disguise)."),
     output: Path = typer.Option(..., "-o", "--output", help="The model folder to write."),
     arch: str = typer.Option(
-        "auto", "--arch", help="auto (blockvit for block disguises, else cnn), " + ", ".join(ARCHS) + "."
+        "auto", "--arch", help="auto (blockvit for block disguises, else cnn), " + ", ".join(ARCH_NAMES) + "."
     ),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),

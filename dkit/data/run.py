@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..derive import source_id
 from ..engine import Disguise, RandomSource
@@ -107,7 +106,7 @@ def _class_info(source: Source, options: Options) -> tuple[int, list[str] | None
     return n, (None if options.withhold_classes else source.classes)
 
 
-class _Batches(torch.utils.data.Dataset):
+class _Batches:
     """Batch k decodes listing positions [starts[k], starts[k] + batch). Failures come back as data."""
 
     def __init__(self, source: Source, policy: Policy, starts: list[int], end: int, batch: int):
@@ -140,6 +139,8 @@ def _batches(source: Source, policy: Policy, starts: list[int], end: int, batch:
     warm()
     if workers <= 0 or len(starts) <= 1:
         return (ds[k] for k in range(len(ds)))
+    import torch.utils.data
+
     ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
     return iter(
         torch.utils.data.DataLoader(
