@@ -134,6 +134,7 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
             "val_acc": metrics["final"]["val_acc"],
             "test_acc": pred["accuracy"],
             "test_images": pred["labelled"],
+            "test_acc_averaged_over_noise": by_samples,
             "epoch_seconds_mean": statistics.mean(epoch_s),
             "epoch_seconds_median": statistics.median(epoch_s),
             "train_img_s_median": statistics.median(e["images_per_second"] for e in metrics["epochs"]),
