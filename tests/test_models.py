@@ -28,7 +28,7 @@ TINY_VIT = {"dim": 32, "depth": 1, "heads": 2}
 def mnist_small(mnist_folder, tmp_path_factory):
     """A disguised MNIST subset (rmt 7x7, noise 100), a held-out folder and a trained CNN."""
     work = tmp_path_factory.mktemp("mnist-model")
-    train_dir = subset(mnist_folder, work / "train", per_class=120)
+    train_dir = subset(mnist_folder, work / "train", per_class=200)
     test_dir = work / "test"
     for cls in sorted(p for p in mnist_folder.iterdir() if p.is_dir()):
         (test_dir / cls.name).mkdir(parents=True)
@@ -37,7 +37,7 @@ def mnist_small(mnist_folder, tmp_path_factory):
     key = test_key("mnist", shape="28x28", block="7", pipeline="rmt", noise=100, channels="shared")
     h5 = work / "train.h5"
     disguise_source(open_source(train_dir), h5, key, Options(workers=0))
-    metrics = train(h5, work / "model", TrainOptions(arch="cnn", epochs=3))
+    metrics = train(h5, work / "model", TrainOptions(arch="cnn", epochs=4))
     return {"work": work, "key": key, "h5": h5, "test": test_dir, "metrics": metrics, "model": work / "model"}
 
 
@@ -48,10 +48,10 @@ def test_training_writes_a_complete_artifact(mnist_small):
     assert meta["format"] == "dkit-model" and meta["version"] == 1 and meta["arch"] == "cnn"
     assert meta["key_id"] == mnist_small["key"].key_id and meta["key_version"] == 1
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["num_classes"] == 10
-    assert len(meta["dataset"]["sha256"]) == 64 and meta["dataset"]["rows"] == 1200
+    assert len(meta["dataset"]["sha256"]) == 64 and meta["dataset"]["rows"] == 2000
     assert len(meta["normalization"]["mean"]) == 1
     assert json.loads((model_dir / "metrics.json").read_text())["final"] == m["final"]
-    assert len(m["epochs"]) == 3 and m["train_rows"] + m["val_rows"] == 1200
+    assert len(m["epochs"]) == 4 and m["train_rows"] + m["val_rows"] == 2000
     assert m["final"]["val_acc"] > 0.5  # it learned (chance is 0.1)
 
 
@@ -76,8 +76,9 @@ def test_predict_matches_the_training_report(mnist_small):
             (val_dir / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(work / "train" / name, val_dir / name)
     doc = predict(mnist_small["model"], open_source(val_dir), key)
-    assert doc["labelled"] == len(val_rows)
-    assert abs(doc["accuracy"] - mnist_small["metrics"]["final"]["val_acc"]) <= 0.04
+    assert doc["labelled"] == len(val_rows) == 200
+    # Fresh noise moves a few borderline images either way (noise 100 is strong): 0.05 is 10 of 200.
+    assert abs(doc["accuracy"] - mnist_small["metrics"]["final"]["val_acc"]) <= 0.05
     held_out = predict(mnist_small["model"], open_source(mnist_small["test"]), key)
     assert held_out["labelled"] == 300 and abs(held_out["accuracy"] - doc["accuracy"]) <= 0.12
 
