@@ -158,7 +158,7 @@ class KeyParams:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        h, w, c = self.shape
+        h, w, c = _check_shape(self.shape, "x".join(map(str, self.shape)))
         bh, bw = self.block
         if bh < 1 or bw < 1:
             raise ParameterError(f"block {bh}x{bw}: sides must be at least 1")
@@ -182,7 +182,7 @@ class KeyParams:
                     f"rmt with {self.positions} blocks of {side}x{side} matrices is too large a key",
                     hint="use smaller blocks or --channels shared",
                 )
-        if not (0.0 <= self.noise <= 255.0) or self.noise != self.noise:
+        if not 0.0 <= self.noise <= 255.0:
             raise ParameterError(f"noise {self.noise}: the noise level is in 0..255 pixel units")
         if self.noise and not self.has("rmt"):
             raise ParameterError("--noise is a setting of rmt; add rmt to the pipeline or drop it")
@@ -198,7 +198,7 @@ class KeyParams:
         if self.has("instahide"):
             if not 1 <= self.k <= 16:
                 raise ParameterError(f"instahide k={self.k}: k is between 1 and 16")
-            if not (1.0 / self.k < self.bound <= 1.0) and self.k > 1:
+            if not (0.0 < self.bound <= 1.0) or (self.k > 1 and self.bound <= 1.0 / self.k):
                 raise ParameterError(f"instahide bound {self.bound}: it must lie in (1/k, 1] = ({1 / self.k:.3g}, 1]")
             if self.mix not in MIX_MODES:
                 raise ParameterError(f"unknown instahide mix {self.mix!r}: choose inside or cross")

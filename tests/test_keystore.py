@@ -171,6 +171,34 @@ def test_import_checks_fingerprints(keystore, tmp_path):
         Keystore(tmp_path / "o", backend=MemoryBackend()).import_(tmp_path / "forged", PHRASE)
 
 
+@pytest.mark.parametrize(
+    "kdf",
+    [
+        "x",
+        [1],
+        {"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 1 << 20, "r": 32, "p": 1},  # 4 GiB of memory
+        {"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 1 << 15, "r": 16, "p": 16},  # 32x the default work
+        {"name": "scrypt", "salt": 5, "n": 1 << 15, "r": 8, "p": 1},
+        {"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": "32768", "r": 8, "p": 1},
+    ],
+)
+def test_import_refuses_crafted_kdf(backup_file, tmp_path, kdf):
+    doc = json.loads(backup_file.read_text())
+    doc["kdf"] = kdf
+    backup_file.write_text(json.dumps(doc))
+    with pytest.raises(BackupError, match="damaged"):
+        Keystore(tmp_path / "o", backend=MemoryBackend()).import_(backup_file, PHRASE)
+    assert not (tmp_path / "o" / "keys.json").exists()
+
+
+def test_export_to_a_missing_folder(keystore, tmp_path):
+    keystore.keygen("k", P)
+    target = tmp_path / "no" / "such" / "k.backup"
+    with pytest.raises(BackupError, match="cannot write the backup") as e:
+        keystore.export("k", target, PHRASE)
+    assert str(target) in str(e.value)
+
+
 def test_short_passphrase_refused(keystore, tmp_path):
     keystore.keygen("k", P)
     with pytest.raises(PassphraseError, match="at least 8"):
@@ -238,7 +266,7 @@ def test_null_and_fail_keyrings_are_refused():
 
 
 def test_file_store(isolated_home, monkeypatch):
-    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE)
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE)
     ks.keygen("k", P)
     m = ks.load("k").material
     path = isolated_home / "secrets.json"
@@ -246,11 +274,11 @@ def test_file_store(isolated_home, monkeypatch):
     doc = json.loads(path.read_text())
     assert doc["format"] == "dkit-file-store" and len(doc["entries"]) == 1
     # A fresh process with the passphrase reads it back; a wrong passphrase is named as such.
-    assert Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE).load("k").key_id == m.key_id
+    assert Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE).load("k").key_id == m.key_id
     with pytest.raises(PassphraseError, match="wrong passphrase for the file store"):
-        Keystore(isolated_home, backend_kind="file", passphrase=lambda: "another passphrase").load("k")
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: "another passphrase").load("k")
     with pytest.raises(PassphraseError, match="a passphrase is needed"):
-        Keystore(isolated_home, backend_kind="file", passphrase=lambda: None).load("k")
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: None).load("k")
     # Swapping entries between labels is caught (the label is authenticated).
     ks.rotate("k")
     doc = json.loads(path.read_text())
@@ -258,11 +286,48 @@ def test_file_store(isolated_home, monkeypatch):
     doc["entries"][a], doc["entries"][b] = vb, va
     path.write_text(json.dumps(doc))
     with pytest.raises(StoreCorrupt, match="damaged"):
-        Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE).load("k@1")
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE).load("k@1")
     # A key kept in the file store is not silently looked up elsewhere.
     with pytest.raises(SecretBackendError, match="kept in the file store") as e:
         Keystore(isolated_home, backend=MemoryBackend()).load("k@2")
     assert e.value.hint == "set DKIT_KEYSTORE=file"
+
+
+def test_file_store_asks_to_confirm_a_new_passphrase(isolated_home):
+    asked = []
+
+    def ask(*, new=False):
+        asked.append(new)
+        return PHRASE
+
+    Keystore(isolated_home, backend_kind="file", passphrase=ask).keygen("k", P)
+    assert asked == [True]  # creating the store: the prompt confirms the passphrase
+    asked.clear()
+    Keystore(isolated_home, backend_kind="file", passphrase=ask).load("k")
+    assert asked == [False]
+
+
+@pytest.mark.parametrize("damage", ["kdf", "check"])
+def test_file_store_with_malformed_fields(isolated_home, damage):
+    Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE).keygen("k", P)
+    path = isolated_home / "secrets.json"
+    doc = json.loads(path.read_text())
+    doc[damage] = [1]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreCorrupt, match="secrets.json"):
+        Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE).load("k")
+
+
+def test_use_rechecks_the_status_under_the_lock(keystore, isolated_home, monkeypatch):
+    keystore.keygen("k", P)
+    keystore.rotate("k")
+    stale = keystore._state()
+    keystore.disable("k@1")  # by another process, after this one read the records
+    monkeypatch.setattr(keystore, "_state", lambda: stale)
+    with pytest.raises(KeyStateError, match="k@1 is disabled"):
+        keystore.load("k@1", use="disguise")
+    log = (isolated_home / "audit.jsonl").read_text().splitlines()
+    assert not [line for line in log if json.loads(line)["event"] == "use"]
 
 
 def test_unknown_keystore_kind(isolated_home, monkeypatch):
@@ -319,7 +384,9 @@ def test_clean_audit(keystore):
     assert r.ok and r.lines == 3
 
 
-@pytest.mark.parametrize("tamper", ["edit", "edit-and-rehash", "delete-middle", "cut-tail", "garble", "rehash-last"])
+@pytest.mark.parametrize(
+    "tamper", ["edit", "edit-and-rehash", "delete-middle", "cut-tail", "garble", "rehash-last", "append-chained"]
+)
 def test_audit_chain_names_the_tampered_line(keystore, isolated_home, tamper):
     from dkit.keystore.audit import entry_hash
     from dkit.params import canonical_json
@@ -348,12 +415,18 @@ def test_audit_chain_names_the_tampered_line(keystore, isolated_home, tamper):
     elif tamper == "garble":
         lines[0] = b"garbage\n"
         expect = 1
-    else:
+    elif tamper == "rehash-last":
         e = json.loads(lines[4])
         e["data"] = {"forged": True}
         e["hash"] = entry_hash(e)
         lines[4] = canonical_json(e) + b"\n"
         expect = 5  # caught by the head recorded in keys.json
+    else:  # a well-formed line chained onto the last one, but past the recorded head
+        last = json.loads(lines[4])
+        e = {"n": 6, "time": last["time"], "event": "use", "key": "k", "prev": last["hash"]}
+        e["hash"] = entry_hash(e)
+        lines.append(canonical_json(e) + b"\n")
+        expect = 6
     log.write_bytes(b"".join(lines))
     report = keystore.audit()
     chain = [f for f in report.findings if f["kind"] == "chain"]
@@ -362,13 +435,13 @@ def test_audit_chain_names_the_tampered_line(keystore, isolated_home, tamper):
 
 
 def _rotate_many(home, n):
-    ks = Keystore(home, backend_kind="file", passphrase=lambda: PHRASE)
+    ks = Keystore(home, backend_kind="file", passphrase=lambda **_: PHRASE)
     for _ in range(n):
         ks.rotate("k")
 
 
 def test_concurrent_processes_leave_a_consistent_store(isolated_home):
-    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda: PHRASE)
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE)
     ks.keygen("k", P)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rotate_many, args=(isolated_home, 6)) for _ in range(2)]

@@ -100,6 +100,10 @@ def test_from_dict_rejects_damage():
         {**d, "pipeline": ["nope"]},
         {k: v for k, v in d.items() if k != "block"},
         {**d, "spec": 9},
+        {**d, "shape": [0, 0, 0], "block": [1, 1]},  # a stored form is held to the same bounds as a new key
+        {**d, "shape": [100000, 100000, 3], "block": [1, 1], "pipeline": ["perm"]},
+        {**d, "pipeline": ["instahide"], "instahide": {"k": 1, "bound": float("nan"), "mix": "inside"}},
+        {**d, "pipeline": ["instahide"], "instahide": {"k": 1, "bound": -5.0, "mix": "inside"}},
     ]:
         with pytest.raises(ParameterError):
             KeyParams.from_dict(broken)

@@ -66,7 +66,7 @@ def print_json(obj: Any) -> None:
 
 def open_keystore() -> Keystore:
     """The key store of ``$DKIT_HOME`` with the backend of ``$DKIT_KEYSTORE`` (tests may replace this)."""
-    return Keystore(passphrase=lambda: ask_passphrase(new=False, what="the file store"))
+    return Keystore(passphrase=lambda new=False: ask_passphrase(new=new, what="the file store"))
 
 
 def ask_passphrase(*, new: bool, what: str) -> str:

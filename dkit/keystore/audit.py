@@ -85,8 +85,16 @@ def read(path: Path, head: dict | None) -> tuple[list[dict], list[ChainProblem]]
                     count + 1, f"the log ends at line {count} but the store recorded {hn} lines (lines cut off)"
                 )
             )
-        elif hn > 0:
+        else:
             at = by_line.get(hn)
-            if at is None or at.get("hash") != head.get("hash"):
+            if hn > 0 and (at is None or at.get("hash") != head.get("hash")):
                 problems.append(ChainProblem(hn, "does not match the head recorded in the key store"))
+            if count > hn:
+                problems.append(
+                    ChainProblem(
+                        hn + 1,
+                        f"the store recorded {hn} lines but the log goes on to line {count} "
+                        "(lines added outside dkit, or a change whose record was not saved)",
+                    )
+                )
     return entries, problems

@@ -140,7 +140,7 @@ class FileBackend:
     name = "file"
     _CHECK = b"dkit file store"
 
-    def __init__(self, path: Path, passphrase: Callable[[], str | None]):
+    def __init__(self, path: Path, passphrase: Callable[..., str | None]):
         self.path = Path(path)
         self._passphrase = passphrase
         self._key: bytes | None = None
@@ -168,7 +168,7 @@ class FileBackend:
 
     def _unlock(self, doc: dict | None) -> tuple[bytes, dict]:
         if doc is None:
-            phrase = sealed.check_passphrase(self._passphrase(), new=True)
+            phrase = sealed.check_passphrase(self._passphrase(new=True), new=True)
             kdf = sealed.new_kdf()
             key = sealed.kdf_key(phrase, kdf)
             doc = {
@@ -181,7 +181,7 @@ class FileBackend:
             self._key = key
             return key, doc
         if self._key is None:
-            phrase = sealed.check_passphrase(self._passphrase(), new=False)
+            phrase = sealed.check_passphrase(self._passphrase(new=False), new=False)
             try:
                 key = sealed.kdf_key(phrase, doc["kdf"])
             except ValueError as e:
@@ -190,6 +190,8 @@ class FileBackend:
                 sealed.decrypt(key, doc["check"], b"check")
             except sealed.InvalidTag:
                 raise PassphraseError(f"wrong passphrase for the file store {self.path}") from None
+            except ValueError as e:
+                raise StoreCorrupt(f"{self.path}: the file store is damaged ({e})") from None
             self._key = key
         return self._key, doc
 
@@ -216,12 +218,13 @@ class FileBackend:
         atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def env_passphrase() -> str | None:
+def env_passphrase(*, new: bool = False) -> str | None:
     return os.environ.get(ENV_PASSPHRASE) or None
 
 
-def open_backend(kind: str | None, home: Path, passphrase: Callable[[], str | None] | None = None):
-    """The backend named by ``kind`` (or ``$DKIT_KEYSTORE``, default ``keyring``)."""
+def open_backend(kind: str | None, home: Path, passphrase: Callable[..., str | None] | None = None):
+    """The backend named by ``kind`` (or ``$DKIT_KEYSTORE``, default ``keyring``). ``passphrase(new=...)``
+    gives the file store's passphrase; ``new`` is true when the store is being created (confirm it)."""
     kind = (kind or os.environ.get(ENV_KEYSTORE) or "keyring").strip().lower()
     if kind == "keyring":
         return KeyringBackend()

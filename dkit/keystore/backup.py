@@ -43,7 +43,10 @@ def write(path: Path, record: KeyRecord, seeds: dict[int, Seed], passphrase: str
     }
     body = {"record": record.to_dict(), "seeds": {str(v): sealed.b64e(s.expose()) for v, s in seeds.items()}}
     doc = dict(header, payload=sealed.encrypt(key, canonical_json(body), canonical_json(header)))
-    atomic_write(Path(path), json.dumps(doc, indent=1).encode("utf-8") + b"\n")
+    try:
+        atomic_write(Path(path), json.dumps(doc, indent=1).encode("utf-8") + b"\n")
+    except OSError as e:
+        raise BackupError(f"{path}: cannot write the backup ({e.strerror or e})") from None
 
 
 def read(path: Path, passphrase: str) -> tuple[KeyRecord, dict[int, Seed]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -115,7 +115,7 @@ class Keystore:
         *,
         backend=None,
         backend_kind: str | None = None,
-        passphrase: Callable[[], str | None] | None = None,
+        passphrase: Callable[..., str | None] | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.home = Path(home) if home is not None else default_home()
@@ -308,13 +308,7 @@ class Keystore:
         state = self._state()
         rec = state.get(name)
         v = rec.version(number)
-        if v.status != "enabled":
-            hint = (
-                f"enable it with dkit keys enable {name}@{v.version}"
-                if v.status == "disabled"
-                else "its secret is gone; restore it from a backup with dkit keys import FILE (it comes back disabled)"
-            )
-            raise KeyStateError(f"key {name}@{v.version} is {v.status} and cannot be used", hint=hint)
+        _check_usable(name, v)
         self._check_store(v, name)
         seed = self.backend.get(self._label(state, name, v.version))
         if seed is None:
@@ -326,9 +320,10 @@ class Keystore:
         if material.key_id != v.key_id:
             raise StoreCorrupt(f"the secret of {name}@{v.version} does not match its recorded key ID")
         if use:
-            with self._locked() as locked:
-                primary = locked.get(name).primary == v.version
-                self._log(locked, "use", name, v, action=use, primary=primary, **details)
+            with self._locked() as locked:  # the version may have changed since it was read
+                now = locked.get(name)
+                _check_usable(name, now.version(v.version))
+                self._log(locked, "use", name, v, action=use, primary=now.primary == v.version, **details)
         return LoadedKey(name=name, record=v, material=material)
 
     # -- backup -----------------------------------------------------------------------------
@@ -374,14 +369,11 @@ class Keystore:
                     status = "disabled"  # a version destroyed here comes back disabled: enable it on purpose
                 self.backend.set(self._label(state, target, v.version), seeds[v.version])
                 restored.append(v.version)
-                nv = VersionRecord(
-                    v.version,
-                    status,
-                    v.created,
-                    v.key_id,
-                    v.params,
-                    self.backend.name,
-                    self._now() if mine is not None and mine.status != status else (mine or v).changed,
+                nv = replace(
+                    v,
+                    status=status,
+                    secret_store=self.backend.name,
+                    changed=self._now() if mine is not None and mine.status != status else (mine or v).changed,
                 )
                 merged = merged.with_version(nv)
             state.keys[target] = merged
@@ -498,4 +490,14 @@ class Keystore:
 
 
 def _with_status(v: VersionRecord, status: str, now: str) -> VersionRecord:
-    return VersionRecord(v.version, status, v.created, v.key_id, v.params, v.secret_store, now)
+    return replace(v, status=status, changed=now)
+
+
+def _check_usable(name: str, v: VersionRecord) -> None:
+    if v.status != "enabled":
+        hint = (
+            f"enable it with dkit keys enable {name}@{v.version}"
+            if v.status == "disabled"
+            else "its secret is gone; restore it from a backup with dkit keys import FILE (it comes back disabled)"
+        )
+        raise KeyStateError(f"key {name}@{v.version} is {v.status} and cannot be used", hint=hint)
