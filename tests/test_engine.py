@@ -322,3 +322,216 @@ def test_mixing_disguised_images_is_disguising_mixed_images():
     assert not np.allclose(
         a.apply(np.rint(lam * x1 + (1 - lam) * x2)), lam * a.apply(x1) + (1 - lam) * a.apply(x2), atol=1
     )
+
+
+# -- shared-channel RMT without the block-sized matrix -----------------------------------------
+
+SHARED_GEOMETRIES = [  # (shape, block): square and not, grey and colour, one block row, one column
+    ("8x8x3", "4"),
+    ("12x8x3", "3x4"),
+    ("8x12x1", "2x3"),
+    ("6x10x3", "6x5"),
+    ("4x4x3", "1x4"),
+    ("9x2x3", "3x1"),
+]
+
+
+def _check_shared(d: Disguise, n: int, seed: int) -> None:
+    """numpy and torch kernels against the spec (the d x d form), and the owner's inverse."""
+    x = images(np.random.default_rng(seed), n, d.params.shape)
+    y = d.apply(x, rng=RandomSource.fixed(seed))
+    ref = d.reference(x, d.noise_for(RandomSource.fixed(seed), 0, n))
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-3)
+    yt = d.apply(torch.from_numpy(x), rng=RandomSource.fixed(seed), backend="torch")
+    np.testing.assert_allclose(yt.numpy(), y, rtol=0, atol=2e-3)
+    if not d.noise:
+        np.testing.assert_allclose(d.reveal(y), x, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("shape,block", SHARED_GEOMETRIES)
+@pytest.mark.parametrize("form", ["rows", "columns"])
+def test_shared_rmt_both_kernel_forms_match_the_spec(shape, block, form, monkeypatch):
+    from dkit.engine import kernels_np
+
+    if form == "columns":  # the form used for block rows wider than KRON_MAX_SIDE values
+        monkeypatch.setattr(kernels_np, "KRON_MAX_SIDE", 0)
+    for kw in ({"noise": 0}, {"noise": 0, "rmt_kind": "projection"}, {"noise": 25}):
+        d = make(shape, block, "perm,rmt", channels="shared", **kw)
+        _check_shared(d, 5, 11)
+        cols = kernels_np.LinearPlan(d.params, None, d.rmt.compact).cols
+        assert cols == (form == "columns" and d.params.shape[2] > 1)  # grey keys always use R on block rows
+
+
+def test_shared_rmt_wide_block_rows_use_the_column_form():
+    from dkit.engine import kernels_np
+
+    d = make("4x192x3", "2x96", "perm,rmt", channels="shared", noise=0)  # rows of 96 * 3 > KRON_MAX_SIDE values
+    assert kernels_np.LinearPlan(d.params, None, d.rmt.compact).cols
+    _check_shared(d, 3, 12)
+
+
+def test_shared_rmt_kernels_never_build_the_block_sized_matrix(monkeypatch):
+    """kron(I_BH, kron(R, I_C)) has (BH*C)^2 times the entries of R: 2.3 GB for 128x128x3 images in
+    32x32 blocks. Only the plain reference (Disguise.reference, RMT.apply) may build it."""
+    import tracemalloc
+
+    from dkit.engine import mechanisms
+
+    def refuse(*a, **k):
+        raise AssertionError("the kernels built the d x d form of a shared RMT key")
+
+    monkeypatch.setattr(mechanisms, "block_matrices", refuse)
+    d = make("128x128x3", 32, "perm,rmt", channels="shared", noise=25)
+    x = images(np.random.default_rng(13), 2, (128, 128, 3))
+    tracemalloc.start()
+    try:
+        y = d.apply(x, rng=RandomSource.fixed(3))
+        yt = d.apply(torch.from_numpy(x), rng=RandomSource.fixed(3), backend="torch")
+        x_hat = d.reveal(y)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB"
+    np.testing.assert_allclose(yt.numpy(), y, rtol=0, atol=2e-3)
+    assert abs((x_hat - x).mean()) < 1 and (x_hat - x).std() < 25
+    # P <- P R per channel, checked on one block without any expanded matrix.
+    r = d.material.matrices
+    p = d.material.perm
+    u = d.noise_for(RandomSource.fixed(3), 0, 2).astype(np.float64) * 25 / 65536
+    j = 5
+    src = p[j]
+    rows, cols = divmod(j, 4)
+    br, bc = divmod(int(src), 4)
+    for ch in range(3):
+        want = x[1, br * 32 : (br + 1) * 32, bc * 32 : (bc + 1) * 32, ch].astype(np.float64) @ r[src]
+        want += u[1, rows * 32 : (rows + 1) * 32, cols * 32 : (cols + 1) * 32, ch]
+        got = y[1, rows * 32 : (rows + 1) * 32, cols * 32 : (cols + 1) * 32, ch]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+
+
+# -- float16 output, randomness, AES plan, inverse plan ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,block,pipeline,kw",
+    [
+        ("32x32x3", 4, "perm,rmt", {"noise": 25}),
+        ("32x32x3", 2, "rmt", {"noise": 10, "channels": "shared"}),
+        ("28x28", 7, "perm,rmt", {"noise": 100, "rmt_kind": "projection"}),
+        ("16x16x3", 4, "perm", {}),
+    ],
+)
+def test_float16_output_is_the_float32_output_rounded_once(shape, block, pipeline, kw):
+    d = make(shape, block, pipeline, **kw)
+    x = images(np.random.default_rng(14), 40, d.params.shape)
+    y32 = d.apply(x, rng=RandomSource.fixed(4))
+    y16 = d.apply(x, rng=RandomSource.fixed(4), dtype="float16")
+    assert y16.dtype == np.float16
+    np.testing.assert_array_equal(y16, y32.astype(np.float16))
+    t16 = d.apply(torch.from_numpy(x), rng=RandomSource.fixed(4), dtype="float16", backend="torch")
+    t32 = d.apply(torch.from_numpy(x), rng=RandomSource.fixed(4), backend="torch")
+    assert torch.equal(t16, t32.to(torch.float16))
+
+
+def test_zero_bytes_view_survives_a_concurrent_replacement(monkeypatch):
+    """Another thread may store a shorter buffer in randomness._ZEROS right after this call stored
+    its own; the view returned must still have the n bytes asked for. The interleaving is replayed
+    deterministically: a tracer shrinks the global just after _zeros stores it."""
+    import dis
+    import sys
+
+    from dkit.engine import randomness
+
+    code = randomness._zeros.__code__
+    stores = {i.offset for i in dis.get_instructions(code) if i.opname == "STORE_GLOBAL" and i.argval == "_ZEROS"}
+    assert stores
+    state = {"after_store": False, "fired": 0}
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            if state["after_store"]:
+                randomness._ZEROS = bytes(1)  # the other thread's (shorter) buffer
+                state["fired"] += 1
+            state["after_store"] = frame.f_lasti in stores
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    monkeypatch.setattr(randomness, "_ZEROS", b"")
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        view = randomness._zeros(1000)
+    finally:
+        sys.settrace(old)
+    assert state["fired"] == 1
+    assert len(view) == 1000 and not any(view)
+
+
+@pytest.mark.parametrize("shape,block", [("32x32x3", "4"), ("28x28", "7"), ("12x12x3", "3x6")])
+def test_shared_key_aes_is_one_call_over_all_rows_for_any_block_size(shape, block, monkeypatch):
+    from dkit.engine import kernels_np
+    from dkit.engine.mechanisms import aes_rows
+
+    d = make(shape, block, "perm,aes", aes_keys="shared")
+    bsize = d.params.block_size  # 48, 49 (a partial tail), 54
+    rows = images(np.random.default_rng(15), 1, (37, bsize))[0]
+    key = d.material.aes[0]
+    whole = aes_rows(rows, key)
+    np.testing.assert_array_equal(whole, np.concatenate([aes_rows(r[None], key) for r in rows]))
+    np.testing.assert_array_equal(aes_rows(whole, key, decrypt=True), rows)
+    calls = []
+
+    def counting(r, k, **kw):
+        calls.append(r.shape)
+        return aes_rows(r, k, **kw)
+
+    monkeypatch.setattr(kernels_np, "aes_rows", counting)
+    x = images(np.random.default_rng(16), 6, d.params.shape)
+    y = d.apply(x)
+    assert calls == [(d.params.positions * 6, bsize)]
+    np.testing.assert_array_equal(y, d.reference(x))
+    np.testing.assert_array_equal(d.reveal(y), x)
+
+
+def test_reveal_sets_up_its_inverse_once(monkeypatch):
+    from dkit.engine import kernels_np
+
+    made = []
+    real = kernels_np.slot_matrices
+
+    def counting(params, mats, src, dtype):
+        made.append(dtype)
+        return real(params, mats, src, dtype)
+
+    monkeypatch.setattr(kernels_np, "slot_matrices", counting)
+    d = make("16x16x3", 4, "perm,rmt", rmt_kind="projection", noise=0)
+    x = images(np.random.default_rng(17), 3, (16, 16, 3))
+    y = d.apply(x)
+    for _ in range(3):
+        np.testing.assert_allclose(d.reveal(y), x, rtol=0, atol=0.05)
+    assert made.count(np.float64) == 1
+
+
+def test_instahide_inside_pool_needs_valid_pool_labels():
+    d = make("8x8x3", 4, "instahide", k=3)
+    rng = np.random.default_rng(18)
+    x, y = images(rng, 6, (8, 8, 3)), rng.integers(0, 3, size=6)
+    with pytest.raises(InputError, match="without pool_labels"):
+        d.encode(x[:3], y[:3], num_classes=3, pool=x)
+    for bad, words in [
+        (np.array([0, 1, 2, 3, 0, 1]), r"pool_labels must lie in 0\.\.2"),
+        (np.array([0, 1, -1, 2, 0, 1]), r"pool_labels must lie in 0\.\.2"),
+        (np.array([0, 1, 2]), "expected 6 labels"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            d.encode(x[:3], y[:3], num_classes=3, pool=x, pool_labels=bad)
+    enc, soft = d.encode(x[:3], y[:3], num_classes=3, pool=x, pool_labels=y, rng=RandomSource.fixed(1))
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+    enc2, none = d.encode(x[:3], None, pool=x, rng=RandomSource.fixed(1))  # no labels: none needed
+    assert none is None
+    np.testing.assert_array_equal(enc2, enc)

@@ -42,6 +42,7 @@ class Disguise:
         self.aes = AES(material.aes) if material.aes is not None else None
         self.instahide = InstaHide(p.k, p.bound, p.mix) if p.has("instahide") else None
         self._plan = None
+        self._inverse_plan = None
         self._torch_cache: dict = {}
 
     @classmethod
@@ -127,7 +128,7 @@ class Disguise:
         else:
             if self._plan is None:
                 self._plan = kernels_np.LinearPlan(
-                    self.params, self.material.perm, self.rmt.matrices if self.rmt is not None else None
+                    self.params, self.material.perm, self.rmt.compact if self.rmt is not None else None
                 )
             noisy = self.noise > 0
             rng = rng or (RandomSource() if noisy else None)
@@ -138,7 +139,7 @@ class Disguise:
         if x.dtype != np.uint8:
             x = np.rint(x).astype(np.uint8)
         if self._plan is None:
-            self._plan = kernels_np.AESPlan(self.params, self.material.perm, self.aes.keys)
+            self._plan = kernels_np.AESPlan(self.params, self.material.perm, self.aes)
         self._plan.run(x, out)
 
     def reveal(self, y) -> np.ndarray:
@@ -161,8 +162,10 @@ class Disguise:
             ).astype(np.float64)
         else:
             mean = self.noise * (NOISE_LEVELS - 1) / 2 / NOISE_LEVELS
-            inv = self.rmt.inverse_matrices if self.rmt is not None else None
-            out = kernels_np.invert_linear(y, self.params, self.material.perm, inv, mean)
+            if self._inverse_plan is None:
+                inv = self.rmt.inverse_matrices if self.rmt is not None else None
+                self._inverse_plan = kernels_np.InversePlan(self.params, self.material.perm, inv)
+            out = self._inverse_plan.run(y, mean)
         return out[0] if single else out
 
     def reference(self, x, noise: np.ndarray | None = None) -> np.ndarray:

@@ -77,6 +77,8 @@ class InstaHide(Mechanism):
             pool, pool_labels = x, labels
         if len(pool) == 0 and self.k > 1:
             raise InputError("InstaHide needs a non-empty pool of images to mix with")
+        if labels is not None and self.mix == "inside" and self.k > 1:
+            pool_labels = _check_pool_labels(pool_labels, len(pool), num_classes)
         pixels = int(np.prod(x.shape[1:]))
         t = int(encodings)
         total = n * t
@@ -103,11 +105,34 @@ class InstaHide(Mechanism):
             soft = np.zeros((total, num_classes), dtype=np.float32)
             rows = np.arange(total)
             np.add.at(soft, (rows, np.asarray(labels, dtype=np.int64)[own]), lam[:, 0])
-            if self.mix == "inside" and pool_labels is not None:
+            if self.mix == "inside" and m:
                 pl = np.asarray(pool_labels, dtype=np.int64)
                 for j in range(m):
                     np.add.at(soft, (rows, pl[partners[:, j]]), lam[:, j + 1])
         return out.reshape((total,) + x.shape[1:]), soft
+
+
+def _check_pool_labels(pool_labels, pool_size: int, num_classes: int) -> np.ndarray:
+    """The pool's labels for ``inside`` mixing with labels: one per pool image, each a class in range.
+    Without them the partners' shares of the soft labels would be lost (labels not summing to 1)."""
+    if pool_labels is None:
+        raise InputError(
+            "instahide mix 'inside' with labels: a pool was given without pool_labels",
+            hint="pass pool_labels (one label per pool image), or no pool to mix within the batch",
+        )
+    pl = np.asarray(pool_labels)
+    if pl.shape != (pool_size,):
+        raise InputError(f"pool_labels: expected {pool_size} labels (one per pool image), got shape {pl.shape}")
+    if pool_size and not np.issubdtype(pl.dtype, np.integer):
+        if not (np.issubdtype(pl.dtype, np.floating) and np.array_equal(pl, np.round(pl))):
+            raise InputError(f"pool_labels must be whole class numbers, got dtype {pl.dtype}")
+    pl = pl.astype(np.int64)
+    if pool_size and (pl.min() < 0 or pl.max() >= num_classes):
+        raise InputError(
+            f"pool_labels must lie in 0..{num_classes - 1}, found {pl.min()}..{pl.max()}",
+            hint="pass num_classes covering every class of the pool",
+        )
+    return pl
 
 
 def _scaled(a: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .geometry import batch_shape, out_dtype
+from .kernels_np import slot_matrices
 from .randomness import RandomSource
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
@@ -42,17 +43,18 @@ def check_values_torch(x: torch.Tensor, what: str, need_bytes: bool) -> None:
 
 
 def _tensors(d, device: torch.device):
-    """Key material on ``device``, cached per device (float32 matrices in slot order, index)."""
+    """Key material on ``device``, cached per device: (index, float32 matrices in slot order in the
+    form of ``kernels_np.slot_matrices``, whether they act on the column layout)."""
     cached = d._torch_cache.get(device)
     if cached is None:
         p = d.params
         t = p.positions
         src = d.material.perm if d.material.perm is not None else np.arange(t)
         src_t = torch.tensor(np.array(src), dtype=torch.long, device=device)
-        mats = None
-        if d.rmt is not None:
-            mats = torch.as_tensor(np.ascontiguousarray(d.rmt.matrices[src], dtype=np.float32), device=device)
-        cached = (src_t, mats)
+        cols, mats = slot_matrices(p, d.rmt.compact if d.rmt is not None else None, src, np.float32)
+        if mats is not None:
+            mats = torch.as_tensor(mats, device=device)
+        cached = (src_t, mats, cols)
         d._torch_cache[device] = cached
     return cached
 
@@ -71,14 +73,25 @@ def apply_torch(d, x: torch.Tensor, *, rng: RandomSource | None, start: int, dty
         y = d.apply(x.detach().cpu().numpy(), dtype=dtype)
         out = torch.from_numpy(y).to(x.device)
         return out[0] if single else out
-    src, mats = _tensors(d, x.device)
-    xf = x.to(torch.float32)
-    # (n, gh, bh, gw, bw, c) -> (gh*gw, n, d): slot j holds the block of original position src[j].
-    blocks = xf.reshape(n, gh, bh, gw, bw, c).permute(1, 3, 0, 2, 4, 5).reshape(t, n, dd)
+    src, mats, cols = _tensors(d, x.device)
+    xf = x.to(torch.float32).reshape(n, gh, bh, gw, bw, c)
+    # Slot j holds the block of original position src[j], as (gh*gw, n, d); for shared matrices in
+    # the column form as (gh*gw, bw, n*bh*c), the block's column axis first.
+    if cols:
+        blocks = xf.permute(1, 3, 4, 0, 2, 5).reshape(t, bw, n * bh * c)
+    else:
+        blocks = xf.permute(1, 3, 0, 2, 4, 5).reshape(t, n, dd)
     blocks = blocks.index_select(0, src) if d.material.perm is not None else blocks
     if mats is not None:
-        blocks = torch.bmm(blocks, mats)
-    y = blocks.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, h, w, c)
+        side = mats.shape[-1]
+        if cols:
+            blocks = torch.bmm(mats, blocks)
+        else:  # rows of ``side`` values: whole blocks (joint), or block rows (shared)
+            blocks = torch.bmm(blocks.reshape(t, n * dd // side, side), mats).reshape(t, n, dd)
+    if cols:
+        y = blocks.reshape(gh, gw, bw, n, bh, c).permute(3, 0, 4, 1, 2, 5).reshape(n, h, w, c)
+    else:
+        y = blocks.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, h, w, c)
     if d.noise > 0:
         rng = rng or RandomSource()
         # Move the 16-bit draws as int16 (half the bytes of int32), then read them back as unsigned.

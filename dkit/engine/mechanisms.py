@@ -69,7 +69,8 @@ def block_matrices(matrices: np.ndarray, channels: str, block: tuple[int, int], 
 
     Joint keys store it directly. Shared keys store the papers' BW x BW matrix R, which acts on each
     channel's BH x BW pixel matrix from the right; on the (row, column, channel) vector that is
-    kron(I_BH, kron(R, I_C)).
+    kron(I_BH, kron(R, I_C)). This expanded form is for references and naive loops only: it has
+    (BH * C)^2 times the entries of R, and the kernels multiply by R over the column axis instead.
     """
     if channels == "joint":
         return matrices
@@ -79,7 +80,13 @@ def block_matrices(matrices: np.ndarray, channels: str, block: tuple[int, int], 
 
 
 class RMT(Mechanism):
-    """Block i becomes X_i R_i (a row vector times the position's matrix); noise is added later."""
+    """Block i becomes X_i R_i (a row vector times the position's matrix); noise is added later.
+
+    ``compact`` holds the key's matrices as stored (d x d for joint, BW x BW for shared) and
+    ``inverse_matrices`` their inverses, in the same form: that is what the kernels use. ``matrices``
+    is the d x d form on the flattened block (built on first use, for ``apply``/``invert`` here and
+    for naive reference loops).
+    """
 
     name = "rmt"
 
@@ -92,25 +99,42 @@ class RMT(Mechanism):
         noise: float,
         kind: str = "orthogonal",
     ):
-        self.matrices = block_matrices(np.asarray(matrices, dtype=np.float64), channels, block, c)
+        self.compact = np.asarray(matrices, dtype=np.float64)
+        self.channels = channels
+        self.block = (int(block[0]), int(block[1]))
+        self.c = int(c)
         self.kind = kind
         self.noise = float(noise)
+        self._matrices = self.compact if channels == "joint" else None
         self._inverse = None
 
     @property
+    def shared(self) -> bool:
+        return self.channels != "joint"
+
+    @property
+    def matrices(self) -> np.ndarray:
+        """The d x d matrix on the flattened block, per position (expanded from R for shared keys)."""
+        if self._matrices is None:
+            self._matrices = block_matrices(self.compact, self.channels, self.block, self.c)
+        return self._matrices
+
+    @property
     def inverse_matrices(self) -> np.ndarray:
+        """The inverses of ``compact`` (d x d for joint, BW x BW for shared)."""
         if self._inverse is None:
             if self.kind == "orthogonal":
-                self._inverse = np.ascontiguousarray(self.matrices.transpose(0, 2, 1))
+                self._inverse = np.ascontiguousarray(self.compact.transpose(0, 2, 1))
             else:
-                self._inverse = np.linalg.inv(self.matrices)
+                self._inverse = np.linalg.inv(self.compact)
         return self._inverse
 
     def apply(self, blocks):
         return np.einsum("ntd,tde->nte", blocks.astype(np.float64), self.matrices)
 
     def invert(self, blocks):
-        return np.einsum("ntd,tde->nte", blocks.astype(np.float64), self.inverse_matrices)
+        inv = block_matrices(self.inverse_matrices, self.channels, self.block, self.c)
+        return np.einsum("ntd,tde->nte", blocks.astype(np.float64), inv)
 
 
 def aes_rows(rows: np.ndarray, key: bytes, *, decrypt: bool = False) -> np.ndarray:
@@ -152,6 +176,11 @@ class AES(Mechanism):
 
     def __init__(self, keys: tuple[bytes, ...]):
         self.keys = tuple(keys)
+
+    @property
+    def single_key(self) -> bytes | None:
+        """The one key of ``aes.keys = shared`` (every position uses it), else None."""
+        return self.keys[0] if len(self.keys) == 1 else None
 
     def key_for(self, position: int) -> bytes:
         return self.keys[0] if len(self.keys) == 1 else self.keys[position]

@@ -25,9 +25,11 @@ _ZEROS = b""
 def _zeros(n: int) -> memoryview:
     """A read-only view of n zero bytes (the keystream is the encryption of zeros)."""
     global _ZEROS
-    if len(_ZEROS) < n:
-        _ZEROS = bytes(max(n, 2 * len(_ZEROS)))
-    return memoryview(_ZEROS)[:n]
+    z = _ZEROS  # one read: another thread may replace the global between any two reads of it
+    if len(z) < n:
+        z = bytes(max(n, 2 * len(z)))
+        _ZEROS = z
+    return memoryview(z)[:n]
 
 
 class RandomSource:
