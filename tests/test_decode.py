@@ -213,3 +213,22 @@ def test_arrays_convert_like_files():
     ]:
         with pytest.raises(DecodeError, match=words):
             convert_array(bad, "x[2]", RGB)
+
+
+def test_pil_images_convert_like_files():
+    """A torchvision dataset's PIL images go through the same conversions as files: noted, and refused
+    without --convert (TorchvisionSource)."""
+    from dkit.data.sources import TorchvisionSource
+
+    palette = Image.fromarray(RGB_PIX).convert("P")
+    cmyk = Image.fromarray(RGB_PIX).convert("CMYK")
+    source = TorchvisionSource([(palette, 0), (cmyk, 1), (Image.fromarray(RGB_PIX), 1)])
+    assert source.labels.tolist() == [0, 1, 1]
+    for i, (img, fmt, note) in enumerate([(palette, "PNG", "palette->RGB"), (cmyk, "TIFF", "CMYK->RGB")]):
+        got, notes = source.load(i, RGB)
+        assert notes == (note,) and np.array_equal(got, decode(encode(img, fmt), "f", RGB)[0])
+        with pytest.raises(DecodeError, match=f"needs conversion .*{note}") as e:
+            source.load(i, Policy((16, 16, 3), convert=False))
+        assert e.value.name == f"list[{i}]" and "--convert" in e.value.hint
+    img, notes = source.load(2, Policy((16, 16, 3), convert=False))
+    assert np.array_equal(img, RGB_PIX) and notes == ()

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from dkit.data import DisguisedDataset, Options, disguise_source, inspect, merge, open_source, verify
-from dkit.data.decode import Policy
+from dkit.data import DisguisedDataset, Options, decode_all, disguise_source, inspect, merge, open_source, verify
+from dkit.data.decode import DecodeError, Policy
 from dkit.data.h5format import partial_path
 from dkit.data.sources import TorchvisionSource
 from dkit.derive import source_id
@@ -319,3 +319,138 @@ def test_dataset_reads_lazily_in_workers(tmp_path):
     sub = DisguisedDataset(out, indices=[9, 2, 5], in_memory=False)
     xs, ys = sub.get_batch([0, 1, 2])
     assert ys.tolist() == [1, 0, 0] and torch.equal(xs[1], full[2][0])
+
+
+def test_decode_all_raises_naming_the_file(dirty_folder, tmp_path):
+    source = open_source(dirty_folder)
+    with pytest.raises(DecodeError, match="empty file") as e:
+        decode_all(source, Policy((8, 8, 3)))
+    assert e.value.name.endswith("cat/0002.png")
+    clean = open_source(make_folder(tmp_path / "clean", per_class=3))
+    notes = []
+    for workers in (0, 2):
+        got = decode_all(clean, Policy((8, 8, 1)), workers, batch=4, notes=notes)
+        want = np.stack([clean.load(i, Policy((8, 8, 1)))[0] for i in range(6)])
+        assert np.array_equal(got, want)
+    assert notes == [("RGB->grey",)] * 12
+
+
+IH_KEY = test_key("ih-run", shape="32x32x3", block="4", pipeline="instahide", k=2)
+
+
+def _counting(source, calls):
+    real = source.load
+
+    def load(i, policy):
+        calls[i] = calls.get(i, 0) + 1
+        return real(i, policy)
+
+    source.load = load
+    return source
+
+
+def test_instahide_inside_decodes_each_image_once(tmp_path):
+    """The mixing pool is the whole private set; the run cuts its batches from it instead of decoding
+    every image again. Resume and shards still write what one uninterrupted run writes."""
+    folder = make_folder(tmp_path / "src", per_class=30, shape=(32, 32, 1))  # grey: each is converted
+    opts = Options(workers=0, batch=21)  # 21 images a batch, 3 batches
+    calls = {}
+    whole = tmp_path / "whole.h5"
+    rep = disguise_source(_counting(open_source(folder), calls), whole, IH_KEY, opts, rng=RandomSource.fixed(4))
+    assert calls == dict.fromkeys(range(60), 1)
+    assert rep.conversions == {"grey->RGB": 60} and rep.rows == rep.images == 60
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    cut = tmp_path / "cut.h5"
+    with pytest.raises(KeyboardInterrupt):
+        disguise_source(open_source(folder), cut, IH_KEY, opts, rng=RandomSource.fixed(4), progress=stop)
+    calls.clear()
+    rep = disguise_source(
+        _counting(open_source(folder), calls), cut, IH_KEY, opts, rng=RandomSource.fixed(4), resume=True
+    )
+    assert rep.resumed_from == 21 and rep.conversions == {"grey->RGB": 39}
+    assert calls == dict.fromkeys(range(60), 1)
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, s in enumerate(shards):
+        calls.clear()
+        rep = disguise_source(
+            _counting(open_source(folder), calls),
+            s,
+            IH_KEY,
+            Options(workers=0, batch=21, shard=(i, 2)),
+            rng=RandomSource.fixed(4),
+        )
+        assert calls == dict.fromkeys(range(60), 1) and rep.conversions == {"grey->RGB": 30}
+    merge(tmp_path / "merged.h5", shards)
+    a = read(whole)[0]
+    for other in (cut, tmp_path / "merged.h5"):
+        b = read(other)[0]
+        for name in ("soft_labels", "source_ids"):
+            assert np.array_equal(a[name], b[name]), name
+        np.testing.assert_allclose(a["images"], b["images"], rtol=1e-6, atol=1e-4)
+
+
+def test_copy_merge_finishes_through_the_writer(tmp_path, dirty_folder, monkeypatch):
+    """The copy is marked complete, read back and renamed by Writer.finish, which also takes back the
+    hook that hides a failed file's late write errors; the progress it records is the listing's."""
+    import sys
+
+    import dkit.data.h5format as h5f
+
+    src = open_source(dirty_folder)
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, s in enumerate(shards):
+        disguise_source(src, s, KEY, Options(workers=0, on_error="skip", shard=(i, 2)))
+    finished, commits = [], []
+    real_finish, real_commit = h5f.Writer.finish, h5f.Writer.commit
+    monkeypatch.setattr(h5f.Writer, "finish", lambda self: (finished.append(self.out), real_finish(self)))
+    monkeypatch.setattr(h5f.Writer, "commit", lambda self, *a: (commits.append(a), real_commit(self, *a)))
+    hook = sys.unraisablehook
+    out = tmp_path / "merged.h5"
+    merge(out, shards)
+    assert finished == [out] and sys.unraisablehook is hook
+    # Listing positions: a shard's range counts as done once its rows are all in (shard 0 is 0..5).
+    assert {done for _, done, _ in commits} == {0, 6, 12} and commits[-1] == (10, 12, 2)
+    _, attrs = read(out)
+    assert attrs["complete"] == 1 and attrs["rows"] == 10
+    assert attrs["progress_sources"] == 12 and attrs["source_skipped"] == 2
+    assert inspect(out).source_skipped == 2 and verify(out)["ok"]
+
+
+def test_failed_writers_do_not_pile_up_hooks(tmp_path):
+    import sys
+    from dataclasses import replace
+
+    import dkit.data.h5format as h5f
+
+    meta = replace(inspect(_run(open_source(make_folder(tmp_path / "src", per_class=2)), tmp_path / "a.h5")), rows=0)
+    hooks = set()
+    for i in range(3):
+        w = h5f.Writer(tmp_path / f"failed{i}.h5", meta, resume=False)
+        w.close()  # as after a failure
+        hooks.add(sys.unraisablehook)
+    assert len(hooks) == 1
+    w = h5f.Writer(tmp_path / "failed0.h5", meta, resume=False)  # a rerun of the same output succeeds
+    w.finish()
+    assert str(partial_path(tmp_path / "failed0.h5")) not in h5f._QUIET
+
+
+def test_virtual_merge_images_name_their_encoding(tmp_path):
+    """formats/SPEC-v1.md: images carry encoding_type and encoding_version, virtual ones too; a reader
+    checks them."""
+    src = open_source(make_folder(tmp_path / "src", per_class=4))
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, s in enumerate(shards):
+        disguise_source(src, s, KEY, Options(workers=0, shard=(i, 2)))
+    out = tmp_path / "virtual.h5"
+    merge(out, shards, virtual=True)
+    with h5py.File(out, "r") as f:
+        assert f["images"].is_virtual
+        assert dict(f["images"].attrs) == {"encoding_type": "dkit-images", "encoding_version": 1}
+    assert inspect(out).rows == 8 and verify(out)["ok"]
+    with h5py.File(out, "r+") as f:
+        del f["images"].attrs["encoding_type"]
+    with pytest.raises(FormatError, match="encoding_type and encoding_version are missing or unknown"):
+        inspect(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from dkit.data import Options, disguise_source, open_source
+from dkit.data.decode import DecodeError
 from dkit.derive import source_id
 from dkit.engine import RandomSource
 from dkit.errors import ArtifactError, FormatError, InputError, KeyMismatch, KeyStateError
@@ -367,3 +369,200 @@ def test_wrapper_averages_over_fresh_noise(mnist_small):
     one, three = DisguisedModel(model, quiet).eval(), DisguisedModel(model, quiet, samples=3).eval()
     with torch.no_grad():  # without noise every sample is the same disguise: averaging changes nothing
         torch.testing.assert_close(three(x), torch.log_softmax(one(x), dim=1), atol=1e-5, rtol=1e-5)
+
+
+TINY_KEY = test_key("tiny", shape="8x8x3", block="4", pipeline="perm,rmt")
+
+
+@pytest.fixture(scope="module")
+def tiny_h5(tmp_path_factory):
+    """A small disguised set (8x8x3, three classes of ten) that trains in a moment."""
+    work = tmp_path_factory.mktemp("tiny")
+    src = open_source(make_folder(work / "src", classes=("a", "b", "c"), per_class=10))
+    disguise_source(src, work / "tiny.h5", TINY_KEY, Options(workers=0))
+    return work / "tiny.h5"
+
+
+def _saved(model_dir, arch, arch_params, seed=0):
+    """A freshly built model (buffers made random, so loading them is seen) saved as an artifact."""
+    from dkit.models import artifact
+
+    torch.manual_seed(seed)
+    p = TINY_KEY.params
+    model = build(arch, p.shape, p.block, 3, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], **arch_params).eval()
+    for name, b in model.named_buffers():
+        if b.is_floating_point():
+            b.copy_(torch.rand_like(b) + 0.5)
+        elif name.endswith("num_batches_tracked"):
+            b.fill_(7)
+    meta = artifact.ModelMeta(
+        arch=arch,
+        arch_params=arch_params,
+        in_shape=list(p.shape),
+        block=list(p.block),
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        label_kind="hard",
+        key_id=TINY_KEY.key_id,
+        key_version=1,
+        key_params=p.to_dict(),
+        dataset={},
+        normalization={"mean": [0.0] * 3, "std": [1.0] * 3},
+    )
+    artifact.save(model_dir, model, meta, {})
+    return model
+
+
+@pytest.mark.parametrize("arch,arch_params", [("cnn", {"hidden": 16}), ("resnet18", {}), ("blockvit", TINY_VIT)])
+def test_load_assigns_every_stored_tensor(tmp_path, arch, arch_params):
+    """The network is built without memory (on the meta device) and takes the stored tensors as they
+    are: parameters and buffers (the normalisation, BatchNorm's running statistics) alike."""
+    original = _saved(tmp_path / arch, arch, arch_params)
+    loaded, _ = load_model(tmp_path / arch, "cpu")
+    want, got = original.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert got[k].device.type == "cpu" and got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+    assert all(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    x = torch.rand(2, 3, 8, 8) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), original(x))
+
+
+def test_absurd_arch_params_fail_fast(tmp_path, monkeypatch):
+    """arch_params come from an untrusted model.json: a huge size must not allocate the network it
+    describes before the weights are found not to fit."""
+    import time
+
+    import dkit.models.artifact as art
+
+    _saved(tmp_path / "m", "cnn", {"hidden": 16})
+    devices = []
+    real_build = art.build
+
+    def spy(*a, **k):
+        devices.append(torch.empty(0).device.type)  # the device that build's tensors go to
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(art, "build", spy)
+    doc = json.loads((tmp_path / "m" / META).read_text())
+    for hidden, words in [
+        (10**12, r"arch_params hidden=1000000000000, but the weights hold [\d,]+ values"),
+        (50_000, r"1\.classifier\.1\.weight is \(16, 256\) float32 in the weights, \(50000, 256\) float32 in the desc"),
+    ]:
+        doc["arch_params"] = {"hidden": hidden}
+        (tmp_path / "m" / META).write_text(json.dumps(doc))
+        t0 = time.perf_counter()
+        with pytest.raises(ArtifactError, match="the weights do not fit the described model") as e:
+            load_model(tmp_path / "m")
+        assert time.perf_counter() - t0 < 5
+        assert re.search(words, str(e.value)), str(e.value)
+    assert devices == ["meta"]  # the second one was built, without memory
+
+
+def test_artifact_and_checkpoint_files_are_written_atomically(tmp_path, tiny_h5, monkeypatch):
+    """Weights and checkpoint files go through dkit.home.atomic_write (temporary file, fsync, rename)."""
+    import dkit.models.artifact as art
+    import dkit.models.training as tr
+    from dkit.home import atomic_write
+
+    written = []
+
+    def spy(path, data, **kw):
+        written.append(path.name)
+        return atomic_write(path, data, **kw)
+
+    monkeypatch.setattr(art, "atomic_write", spy)
+    monkeypatch.setattr(tr, "atomic_write", spy)
+    train(tiny_h5, tmp_path / "model", TrainOptions(arch="cnn", epochs=1))
+    assert {"model.safetensors", "optimizer.pt", "progress.json", WEIGHTS, META} <= set(written)
+    assert written.count("model.safetensors") == 2  # the checkpoint's, then the artifact's
+    assert load_model(tmp_path / "model")[1].arch == "cnn"
+
+
+def test_checkpoint_swap_never_loses_the_checkpoint(tmp_path, monkeypatch):
+    """A crash while a new checkpoint replaces the old one leaves the old one, and training finds it."""
+    from pathlib import Path
+
+    from dkit.models import training as tr
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = tmp_path / "model" / tr.CHECKPOINT
+    tr._save_checkpoint(ckpt, {"run": 1}, model, opt, sched, 1, [])
+    real_rename = Path.rename
+
+    def crash(self, target):
+        if self.name.endswith(".tmp"):
+            raise OSError("killed while renaming the new checkpoint in")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash)
+    with pytest.raises(OSError, match="killed"):
+        tr._save_checkpoint(ckpt, {"run": 1}, model, opt, sched, 2, [])
+    monkeypatch.setattr(Path, "rename", real_rename)
+    tr._recover_checkpoint(ckpt)
+    assert json.loads((ckpt / "progress.json").read_text())["epoch"] == 1
+    tr._save_checkpoint(ckpt, {"run": 1}, model, opt, sched, 2, [])
+    assert json.loads((ckpt / "progress.json").read_text())["epoch"] == 2
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [tr.CHECKPOINT]
+
+
+def test_force_retrain_drops_the_old_description_first(tmp_path, tiny_h5):
+    """A --force retrain that stops half-way leaves no model.json to describe weights it did not write."""
+    model_dir = tmp_path / "model"
+    train(tiny_h5, model_dir, TrainOptions(arch="cnn", epochs=1))
+    assert (model_dir / META).exists()
+
+    def stop(p):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_h5, model_dir, TrainOptions(arch="cnn", epochs=1, seed=1), force=True, progress=stop)
+    assert not (model_dir / META).exists()
+    with pytest.raises(ArtifactError, match="not a dkit model"):
+        load_model(model_dir)
+
+
+def test_training_holds_the_data_once(tmp_path, tiny_h5, monkeypatch):
+    """Once split into training and validation copies, the full array read from the file is freed."""
+    import weakref
+
+    from dkit.data import DisguisedDataset
+
+    refs = []
+    real = DisguisedDataset.read_all
+
+    def read_all(self):
+        x, y = real(self)
+        refs.append(weakref.ref(x))
+        return x, y
+
+    monkeypatch.setattr(DisguisedDataset, "read_all", read_all)
+    freed = []
+    train(
+        tiny_h5,
+        tmp_path / "model",
+        TrainOptions(arch="cnn", epochs=1),
+        progress=lambda p: freed.append(refs[0]() is None),
+    )
+    assert len(refs) == 1 and freed and all(freed)
+
+
+def test_predict_refuses_a_broken_public_image(tmp_path):
+    """InstaHide cross: the public pool is decoded whole, and an image that fails names its file
+    (rather than mixing uninitialised memory into the inputs)."""
+    from PIL import Image
+
+    key = test_key("cross", shape="8x8x3", block="4", pipeline="instahide", k=2, mix="cross")
+    src = open_source(make_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=8))
+    public_dir = make_folder(tmp_path / "public", classes=(), per_class=6, seed=1)
+    disguise_source(src, tmp_path / "x.h5", key, Options(workers=0), public=open_source(public_dir))
+    train(tmp_path / "x.h5", tmp_path / "model", TrainOptions(arch="cnn", epochs=1))
+    assert predict(tmp_path / "model", src, key, public=open_source(public_dir))["count"] == 24
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(public_dir / "0003.png")  # the wrong size
+    with pytest.raises(DecodeError, match=r"0003\.png: size 5x5") as e:
+        predict(tmp_path / "model", src, key, public=open_source(public_dir))
+    assert e.value.name.endswith("0003.png")

@@ -3,7 +3,7 @@ the streaming disguise run, shard merging, previews, and a torch Dataset for tra
 
 from .h5format import Meta, inspect, verify
 from .merge import merge
-from .run import Options, Report, disguise_source, parse_shard
+from .run import Options, Report, decode_all, disguise_source, parse_shard
 from .sources import Source, TorchvisionSource, open_source
 
 
@@ -22,6 +22,7 @@ __all__ = [
     "Report",
     "Source",
     "TorchvisionSource",
+    "decode_all",
     "disguise_source",
     "inspect",
     "merge",

@@ -246,19 +246,24 @@ def _pixels(data: bytes, kind: str, head: Header, notes: list[str]) -> np.ndarra
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.mode == "CMYK":
-            notes.append("CMYK->RGB")
-            head.mode = "rgb"
-            return np.asarray(im.convert("RGB"))
-        if im.mode == "P":
-            notes.append("palette->RGB")
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        elif im.mode == "1":
-            im = im.convert("L")
-        elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im).astype(np.uint32)
-            return np.clip(arr, 0, 65535).astype(np.uint16)[:, :, None]
-        arr = np.asarray(im)
+        return _pil_pixels(im, head, notes)
+
+
+def _pil_pixels(im, head: Header, notes: list[str]) -> np.ndarray:
+    """A loaded PIL image's pixels as ``_pixels`` returns them, noting palette and CMYK conversions."""
+    if im.mode == "CMYK":
+        notes.append("CMYK->RGB")
+        head.mode = "rgb"
+        return np.asarray(im.convert("RGB"))
+    if im.mode == "P":
+        notes.append("palette->RGB")
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.uint32)
+        return np.clip(arr, 0, 65535).astype(np.uint16)[:, :, None]
+    arr = np.asarray(im)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -327,8 +332,20 @@ def _fit(img: np.ndarray, policy: Policy, name: str, notes: list[str]) -> np.nda
     return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
 
 
+def convert_pil(im, name: str, policy: Policy) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A PIL image (as torchvision datasets give) -> the key's geometry, converted as the same image
+    in a file would be: palette and CMYK conversions are noted, and refused without ``convert``."""
+    notes: list[str] = []
+    arr = _pil_pixels(im, Header(im.width, im.height, ""), notes)
+    return _convert(arr, name, policy, notes)
+
+
 def convert_array(img: np.ndarray, name: str, policy: Policy) -> tuple[np.ndarray, tuple[str, ...]]:
     """An in-memory image (H, W[, C]) of uint8/uint16 (or whole floats in 0..255) -> the key's geometry."""
+    return _convert(img, name, policy, [])
+
+
+def _convert(img, name: str, policy: Policy, notes: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     arr = np.asarray(img)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -341,7 +358,6 @@ def convert_array(img: np.ndarray, name: str, policy: Policy) -> tuple[np.ndarra
             raise DecodeError(name, "values must be finite and lie in 0..255")
         arr = np.rint(arr).astype(np.uint8)
     mode = {1: "grey", 2: "grey+alpha", 3: "rgb", 4: "rgba"}[arr.shape[2]]
-    notes: list[str] = []
     head = Header(arr.shape[1], arr.shape[0], mode, 16 if arr.dtype == np.uint16 else 8)
     arr = _to_channels(arr, head, policy, name, notes)
     return _fit(arr, policy, name, notes), tuple(notes)

@@ -26,6 +26,7 @@ VERSION = 1
 READABLE_VERSIONS = (1,)
 CHUNK_TARGET_BYTES = 256 * 1024
 IMAGES, LABELS, SOFT_LABELS, SOURCE_IDS = "images", "labels", "soft_labels", "source_ids"
+IMAGES_ATTRS = {"encoding_type": "dkit-images", "encoding_version": 1}  # on ``images``, however written
 ID_BYTES = 16
 
 
@@ -185,6 +186,9 @@ def check_layout(f: h5py.File, meta: Meta, path: Path) -> None:
         raise FormatError(
             f"{path}: images are {imgs.shape} {imgs.dtype}, the metadata says (N, {h}, {w}, {c}) {meta.dtype}"
         )
+    kind, version = _str(imgs.attrs.get("encoding_type", "")), imgs.attrs.get("encoding_version")
+    if kind != IMAGES_ATTRS["encoding_type"] or version != IMAGES_ATTRS["encoding_version"]:
+        raise FormatError(f"{path}: the images' encoding_type and encoding_version are missing or unknown")
     n = meta.rows
     if imgs.shape[0] < n:
         raise FormatError(f"{path}: {imgs.shape[0]} images but the metadata says {n} rows")
@@ -289,7 +293,7 @@ class Writer:
                 chunks=(self.chunk, h, w, c),
                 **opts,
             )
-            ds.attrs["encoding_type"], ds.attrs["encoding_version"] = "dkit-images", 1
+            ds.attrs.update(IMAGES_ATTRS)
             if meta.label_kind == "hard":
                 self.f.create_dataset(LABELS, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(small,), **opts)
             elif meta.label_kind == "soft":
@@ -361,7 +365,8 @@ class Writer:
         self._unquiet()
 
     def close(self) -> None:
-        """Close after a failure; errors here must not mask the failure (the quiet hook stays)."""
+        """Close after a failure; errors here must not mask the failure (the file stays quiet: h5py
+        may report its unwritten blocks later, see ``_quiet_about``)."""
         self.ds = {}
         try:
             self.f.close()
@@ -369,22 +374,32 @@ class Writer:
             pass
 
 
+_QUIET: set[str] = set()  # files whose late write reports are hidden
+_PREVIOUS = None  # the hook that ``_hook`` replaced, while it is installed
+
+
+def _hook(unraisable) -> None:
+    e = unraisable.exc_value
+    if isinstance(e, (OSError, RuntimeError)) and any(name in str(e) for name in _QUIET):
+        return
+    (_PREVIOUS or sys.__unraisablehook__)(unraisable)
+
+
 def _quiet_about(path: Path):
     """After a failed write (a full disk), h5py reports every cached block of that file it cannot write
     as the block's object is freed, inside its own error handling and long after dkit has reported
-    the failure. Hide those reports, and only those (they name the file). Returns an undo."""
+    the failure. Hide those reports, and only those (they name the file). One hook serves every
+    writer, so a failed writer's file stays quiet without hooks piling up. Returns an undo."""
+    global _PREVIOUS
     name = str(path)
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, (OSError, RuntimeError)) and name in str(unraisable.exc_value):
-            return
-        previous(unraisable)
-
-    sys.unraisablehook = hook
+    _QUIET.add(name)
+    if sys.unraisablehook is not _hook:
+        _PREVIOUS, sys.unraisablehook = sys.unraisablehook, _hook
 
     def undo():
-        if sys.unraisablehook is hook:
-            sys.unraisablehook = previous
+        global _PREVIOUS
+        _QUIET.discard(name)
+        if not _QUIET and sys.unraisablehook is _hook:
+            sys.unraisablehook, _PREVIOUS = _PREVIOUS, None
 
     return undo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -78,9 +79,9 @@ def merge(out: str | Path, shards: list[str | Path], *, virtual: bool = False, f
     try:
         if virtual:
             _write_virtual(tmp, out, meta, ordered)
+            os.replace(tmp, out)
         else:
-            _write_copy(tmp, out, meta, ordered)
-        os.replace(tmp, out)
+            _write_copy(out, meta, ordered)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
@@ -92,12 +93,11 @@ def _datasets(f) -> list[str]:
     return [n for n in (h5format.IMAGES, h5format.LABELS, h5format.SOFT_LABELS, h5format.SOURCE_IDS) if n in f]
 
 
-def _write_copy(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
-    meta.complete = False
-    meta.rows = 0
-    w = h5format.Writer(out, meta, resume=False)
+def _write_copy(out: Path, meta: h5format.Meta, ordered) -> None:
+    """Copy the shards' rows in order; the Writer checks the file reads back and renames it into place."""
+    w = h5format.Writer(out, replace(meta, rows=0, progress_sources=0, source_skipped=0, complete=False), resume=False)
     try:
-        rows = 0
+        rows = done = skipped = 0
         for path, m in ordered:
             with h5py.File(path, "r") as f:
                 step = 4096
@@ -108,13 +108,13 @@ def _write_copy(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
                         labels = f[h5format.LABELS if m.label_kind == "hard" else h5format.SOFT_LABELS][r0:r1]
                     w.append(f[h5format.IMAGES][r0:r1], labels, f[h5format.SOURCE_IDS][r0:r1])
                     rows += r1 - r0
-                    w.commit(rows, rows, 0)
-        w.f.attrs["source_skipped"] = meta.source_skipped
-        w.f.attrs["progress_sources"] = meta.source_count
-        w.f.attrs["complete"] = 1
-        w.f.flush()
-    finally:
-        w.f.close()
+                    w.commit(rows, done, skipped)
+            done, skipped = m.shard[3], skipped + m.source_skipped  # this shard's listing range is in
+            w.commit(rows, done, skipped)
+        w.finish()
+    except BaseException:
+        w.close()
+        raise
 
 
 def _write_virtual(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
@@ -132,4 +132,6 @@ def _write_virtual(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
                 rel = os.path.relpath(path.resolve(), out.resolve().parent)
                 layout[r : r + m.rows] = h5py.VirtualSource(rel, name, shape=(m.rows,) + shapes[name])
                 r += m.rows
-            f.create_virtual_dataset(name, layout, fillvalue=np.zeros((), dtypes[name]))
+            ds = f.create_virtual_dataset(name, layout, fillvalue=np.zeros((), dtypes[name]))
+            if name == h5format.IMAGES:
+                ds.attrs.update(h5format.IMAGES_ATTRS)

@@ -107,7 +107,8 @@ def _class_info(source: Source, options: Options) -> tuple[int, list[str] | None
 
 
 class _Batches:
-    """Batch k decodes listing positions [starts[k], starts[k] + batch). Failures come back as data."""
+    """Batch k decodes listing positions [starts[k], starts[k] + batch). Failures come back as data;
+    ``notes`` holds each item's conversion notes (empty for a failed one)."""
 
     def __init__(self, source: Source, policy: Policy, starts: list[int], end: int, batch: int):
         self.source, self.policy, self.starts, self.end, self.batch = source, policy, starts, end, batch
@@ -120,13 +121,12 @@ class _Batches:
         positions = np.arange(self.starts[k], min(self.end, self.starts[k] + self.batch))
         out = np.empty((len(positions),) + self.policy.shape, dtype=np.uint8)
         ok = np.zeros(len(positions), dtype=bool)
-        errors, notes = [], Counter()
+        errors, notes = [], [()] * len(positions)
         for j, pos in enumerate(positions):
             try:
-                img, note = self.source.load(int(pos), self.policy)
+                img, notes[j] = self.source.load(int(pos), self.policy)
                 out[j] = img
                 ok[j] = True
-                notes.update(note)
             except DecodeError as e:
                 errors.append((j, e.name, e.problem, e.hint))
         return positions, out, ok, errors, notes, time.perf_counter() - t0
@@ -157,6 +157,32 @@ def _batches(source: Source, policy: Policy, starts: list[int], end: int, batch:
 
 def _identity(x):
     return x
+
+
+def decode_all(
+    source: Source, policy: Policy, workers: int = 0, *, batch: int = BATCH, notes: list | None = None
+) -> np.ndarray:
+    """Every item of ``source`` decoded into one (N, H, W, C) uint8 array; any item that fails raises
+    its DecodeError (naming the file). ``notes``, when given, receives each item's conversion notes."""
+    out = np.empty((len(source),) + policy.shape, dtype=np.uint8)
+    for positions, imgs, _, errors, item_notes, _ in _batches(
+        source, policy, list(range(0, len(source), batch)), len(source), batch, workers
+    ):
+        if errors:
+            _, name, problem, hint = errors[0]
+            raise DecodeError(name, problem, hint=hint)
+        out[positions[0] : positions[-1] + 1] = imgs
+        if notes is not None:
+            notes += item_notes
+    return out
+
+
+def _pool_batches(images: np.ndarray, notes: list, starts: list[int], end: int, batch: int):
+    """Batches as ``_batches`` yields them, cut from items already decoded (InstaHide ``inside``:
+    the mixing pool is the whole listing, so its items are not decoded twice)."""
+    for s in starts:
+        e = min(end, s + batch)
+        yield np.arange(s, e), images[s:e], np.ones(e - s, dtype=bool), [], notes[s:e], 0.0
 
 
 def disguise_source(
@@ -227,10 +253,11 @@ def disguise_source(
     rng = rng or RandomSource()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = cpus if options.workers is None else max(0, options.workers)
-    pool_images = pool_labels = None
+    pool_images = pool_labels = pool_notes = None
     t_start = time.perf_counter()
     if d.instahide is not None and params.k > 1:
-        pool_images, pool_labels = _instahide_pool(d, source, public, policy, workers, options.batch)
+        pool_images, pool_labels, pool_notes = _instahide_pool(d, source, public, policy, workers, options.batch)
+        report.seconds["decode"] += time.perf_counter() - t_start
     chunk = h5format.Writer.chunk_for(meta)
     row_bytes = _row_bytes(meta)
     rows_per_batch = min(options.batch, max(1, BATCH_BYTES // (row_bytes * options.encodings)))
@@ -238,7 +265,10 @@ def disguise_source(
     _check_space(partial, (end - pos) * options.encodings * row_bytes, partial.exists())
     # Fork the decoding workers before the output is opened, so that none of them holds its file
     # (and HDF5's lock on it) should this process be killed.
-    batches = _batches(source, policy, list(range(pos, end, batch)), end, batch, workers)
+    if pool_notes is not None:
+        batches = _pool_batches(pool_images, pool_notes, list(range(pos, end, batch)), end, batch)
+    else:
+        batches = _batches(source, policy, list(range(pos, end, batch)), end, batch, workers)
     try:
         writer = h5format.Writer(out, resumed or meta, resume=resumed is not None)
     except OSError as e:
@@ -249,7 +279,7 @@ def disguise_source(
     try:
         for positions, imgs, ok, errors, notes, t_dec in batches:
             report.seconds["decode"] += t_dec
-            report.conversions.update(notes)
+            report.conversions.update(n for item in notes for n in item)
             if errors:
                 if options.on_error == "fail":
                     _, name, problem, hint = errors[0]
@@ -423,13 +453,13 @@ def _resumable(partial: Path, meta: h5format.Meta) -> h5format.Meta:
 
 
 def _instahide_pool(d: Disguise, source: Source, public: Source | None, policy: Policy, workers: int, batch: int):
-    """The images partners are drawn from (the private set, or the public set), decoded into memory."""
-    src = public if d.params.mix == "cross" else source
-    parts = list(_batches(src, policy, list(range(0, len(src), batch)), len(src), batch, workers))
-    for _, _, _, errors, _, _ in parts:
-        if errors:
-            _, name, problem, _ = errors[0]
-            raise DecodeError(name, problem + " (every image of the InstaHide mixing pool must decode)")
-    imgs = np.concatenate([p[1] for p in parts])
-    labels = src.labels if d.params.mix == "inside" else None
-    return imgs, labels
+    """The images partners are drawn from (the private set, or the public set), decoded into memory,
+    with their labels and, for the private set (which the run then reuses), each item's notes."""
+    inside = d.params.mix == "inside"
+    src = source if inside else public
+    notes = [] if inside else None
+    try:
+        imgs = decode_all(src, policy, workers, batch=batch, notes=notes)
+    except DecodeError as e:
+        raise DecodeError(e.name, e.problem + " (every image of the InstaHide mixing pool must decode)") from None
+    return imgs, (src.labels if inside else None), notes

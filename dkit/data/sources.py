@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .decode import IMAGE_EXTENSIONS, DecodeError, Policy, convert_array, decode
+from .decode import IMAGE_EXTENSIONS, DecodeError, Policy, convert_array, convert_pil, decode
 
 
 @dataclass
@@ -95,15 +95,10 @@ class TorchvisionSource(Source):
         item = self.dataset[i]
         img = item[0] if isinstance(item, (tuple, list)) else item
         if hasattr(img, "mode"):  # PIL
-            if img.mode == "P":
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            elif img.mode == "CMYK":
-                img = img.convert("RGB")
-            arr = np.asarray(img)
-        else:
-            arr = np.asarray(img)
-            if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[2] not in (1, 2, 3, 4):
-                arr = arr.transpose(1, 2, 0)  # (C, H, W) tensor
+            return convert_pil(img, self.names[i], policy)
+        arr = np.asarray(img)
+        if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[2] not in (1, 2, 3, 4):
+            arr = arr.transpose(1, 2, 0)  # (C, H, W) tensor
         return convert_array(arr, self.names[i], policy)
 
 

@@ -54,14 +54,15 @@ class ModelMeta:
 
 
 def save(model_dir: Path, model: torch.nn.Module, meta: ModelMeta, metrics: dict) -> None:
-    from safetensors.torch import save_file
+    """Weights, then metrics, then the description: the description is written last, so a folder
+    that has one has the weights it describes."""
+    from safetensors.torch import save as to_bytes
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".{WEIGHTS}.tmp"
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    tmp.replace(model_dir / WEIGHTS)
+    weights = to_bytes(state, metadata={"format": FORMAT, "version": str(VERSION)})
+    atomic_write(model_dir / WEIGHTS, weights, mode=0o644)
     atomic_write(model_dir / METRICS, json.dumps(metrics, indent=2, sort_keys=True).encode() + b"\n", mode=0o644)
     atomic_write(model_dir / META, json.dumps(meta.to_dict(), indent=2, sort_keys=True).encode() + b"\n", mode=0o644)
 
@@ -139,23 +140,59 @@ def load(model_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.
         raise ArtifactError(
             f"{weights}: not a valid safetensors file ({str(e)[:100]}); dkit never loads pickled weights"
         ) from None
+    _check_size(meta, state, model_dir)
     norm = meta.normalization
     try:
-        model = build(
-            meta.arch,
-            tuple(meta.in_shape),
-            tuple(meta.block),
-            meta.num_classes,
-            norm["mean"],
-            norm["std"],
-            **meta.arch_params,
-        )
-        model.load_state_dict(state, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        with torch.device("meta"):  # no memory until the stored tensors are assigned
+            model = build(
+                meta.arch,
+                tuple(meta.in_shape),
+                tuple(meta.block),
+                meta.num_classes,
+                norm["mean"],
+                norm["std"],
+                **meta.arch_params,
+            )
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise ArtifactError(
             f"{model_dir}: the weights do not fit the described model ({str(e).splitlines()[0][:160]})"
         ) from None
+    misfit = _misfit(model.state_dict(), state)
+    if misfit:
+        raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({misfit})")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({str(e)[:160]})") from None
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({empty[0]} is not in them)")
     return model.to(device).eval(), meta
+
+
+def _check_size(meta: ModelMeta, state: dict, model_dir: Path) -> None:
+    """No size (``hidden``, ``dim``) or count (``depth``, ``heads``) in the description can exceed the
+    number of stored values: an absurd one is refused before anything is built."""
+    values = sum(t.numel() for t in state.values())
+    for k, v in meta.arch_params.items():
+        if isinstance(v, int) and not isinstance(v, bool) and v > values:
+            raise ArtifactError(
+                f"{model_dir}: the weights do not fit the described model "
+                f"(arch_params {k}={v}, but the weights hold {values:,} values in all)"
+            )
+
+
+def _misfit(want: dict, got: dict) -> str:
+    """What differs between the described model's tensors and the stored ones, or ""."""
+    problems = [f"{k} is missing" for k in want if k not in got]
+    problems += [f"{k} is not in the described model" for k in got if k not in want]
+    problems += [
+        f"{k} is {tuple(got[k].shape)} {str(got[k].dtype)[6:]} in the weights, "
+        f"{tuple(t.shape)} {str(t.dtype)[6:]} in the description"
+        for k, t in want.items()
+        if k in got and (got[k].shape != t.shape or got[k].dtype != t.dtype)
+    ]
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
 
 
 def load_checkpoint_state(path: Path) -> dict:

@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data.decode import DecodeError, Policy
-from ..data.run import _batches
+from ..data.run import _batches, decode_all
 from ..data.sources import Source
 from ..errors import InputError, KeyMismatch
 from . import artifact
@@ -68,11 +67,7 @@ def predict(
         convert=opts.get("convert", True) if convert is None else convert,
         fit=fit or opts.get("fit", "none"),
     )
-    pool = None
-    if public is not None:
-        pool = np.concatenate(
-            [b[1] for b in _batches(public, policy, list(range(0, len(public), 2048)), len(public), 2048, 0)]
-        )
+    pool = decode_all(public, policy) if public is not None else None
     if key.params.has("instahide") and key.params.mix == "cross" and pool is None:
         raise InputError("this model's key mixes with a public image set (instahide cross): pass --public SRC")
     net = DisguisedModel(model, key, layout="NHWC", pool=pool, samples=samples).eval()

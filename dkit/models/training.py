@@ -8,6 +8,7 @@ artifact is weights (safetensors) plus JSON metadata (``formats/MODEL-v1.md``).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -165,6 +166,7 @@ def train(
     if options.epochs < 1 or options.batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
     ckpt_dir = model_dir / CHECKPOINT
+    _recover_checkpoint(ckpt_dir)
     if (model_dir / artifact.META).exists() and not force:
         raise InputError(f"{model_dir} holds a trained model", hint="use --force to replace it")
     if ckpt_dir.exists() and not resume:
@@ -179,6 +181,8 @@ def train(
     device = pick_device(options.device)
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
     torch.manual_seed(options.seed)
+    for name in (artifact.META, artifact.METRICS):  # --force: old metadata must never describe new weights
+        (model_dir / name).unlink(missing_ok=True)
 
     x_np, y_np = DisguisedDataset(data, in_memory=False).read_all()
     x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2)  # (N, C, H, W), a view
@@ -186,8 +190,9 @@ def train(
     tr, va = split(data, meta, options.val_fraction, options.seed)
     x_tr, y_tr = x_all[tr], y_all[tr]
     x_va, y_va = x_all[va], y_all[va]
-    mean, std = channel_stats(x_tr)
     num_classes = meta.num_classes or int(y_all.max()) + 1
+    del x_np, y_np, x_all, y_all  # the splits are copies: hold the data once, not twice
+    mean, std = channel_stats(x_tr)
     model = build(arch, meta.params.shape, meta.params.block, num_classes, mean, std, **arch_params).to(device)
     if device.type == "cuda" and arch != "blockvit":
         model = model.to(memory_format=torch.channels_last)
@@ -327,23 +332,41 @@ def train(
     return metrics
 
 
-def _save_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched, epoch: int, history: list) -> None:
-    from safetensors.torch import save_file
+def _aside(ckpt_dir: Path) -> Path:
+    return ckpt_dir.with_name(ckpt_dir.name + ".old")
 
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+
+def _recover_checkpoint(ckpt_dir: Path) -> None:
+    """Put back a checkpoint that a crash inside ``_save_checkpoint`` left set aside."""
+    old = _aside(ckpt_dir)
+    if old.is_dir() and not ckpt_dir.exists():
+        old.rename(ckpt_dir)
+
+
+def _save_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched, epoch: int, history: list) -> None:
+    """Write the new checkpoint beside the old one, set the old one aside, rename the new one in, and
+    only then delete the old one: a crash at any point leaves a complete checkpoint."""
+    from safetensors.torch import save
+
+    tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), _aside(ckpt_dir)
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(tmp / "model.safetensors", save(weights), mode=0o644)
     state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "optimizer.pt")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(tmp / "optimizer.pt", buf.getvalue(), mode=0o644)
     atomic_write(
         tmp / "progress.json", json.dumps({"run": run_id, "epoch": epoch, "history": history}).encode(), mode=0o644
     )
     if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+        ckpt_dir.rename(old)
     tmp.rename(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(ckpt_dir: Path, run_id: dict, model, opt, sched) -> tuple[int, list]:
