@@ -535,3 +535,15 @@ def test_instahide_inside_pool_needs_valid_pool_labels():
     enc2, none = d.encode(x[:3], None, pool=x, rng=RandomSource.fixed(1))  # no labels: none needed
     assert none is None
     np.testing.assert_array_equal(enc2, enc)
+
+
+def test_torch_input_through_the_numpy_kernels():
+    d = make("8x8x3", 4, "perm,rmt", noise=10)
+    x = np.random.default_rng(3).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    want = d.apply(x, rng=RandomSource(b"\x07" * 32))
+    # bfloat16 holds 0..255 exactly; numpy has no bfloat16, so the engine converts it.
+    got = d.apply(torch.from_numpy(x).to(torch.bfloat16), rng=RandomSource(b"\x07" * 32), backend="numpy")
+    assert isinstance(got, torch.Tensor) and got.device.type == "cpu"
+    np.testing.assert_array_equal(got.numpy(), want)
+    with pytest.raises(InputError, match="out is for numpy input"):
+        d.apply(torch.from_numpy(x), out=np.empty(x.shape, np.float32))

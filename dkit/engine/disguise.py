@@ -105,14 +105,19 @@ class Disguise:
         if backend not in ("auto", "numpy", "torch"):
             raise InputError(f"unknown backend {backend!r}: choose auto, numpy or torch")
         if _is_torch(x):
+            if out is not None:
+                raise InputError("out is for numpy input; a torch input gets a new tensor on its device")
             if backend == "torch" or (backend == "auto" and x.device.type != "cpu"):
                 from .kernels_torch import apply_torch
 
                 return apply_torch(self, x, rng=rng, start=start, dtype=dtype)
             import torch
 
-            y = self.apply(x.detach().numpy(), rng=rng, start=start, dtype=dtype)
-            return torch.from_numpy(y)
+            xc = x.detach().cpu()
+            if xc.dtype == torch.bfloat16:  # numpy has no bfloat16
+                xc = xc.float()
+            y = self.apply(xc.numpy(), rng=rng, start=start, dtype=dtype)
+            return torch.from_numpy(y).to(x.device)
         x = np.asarray(x)
         n, single = batch_shape(x.shape, self.params, "images")
         check_values_np(x, "images", need_bytes=self.aes is not None)
