@@ -266,6 +266,21 @@ def test_wrapper_disguises_then_calls_the_model(mnist_small):
         pickle.dumps(net)
 
 
+def test_wrapper_refuses_a_key_that_is_not_the_models(mnist_small):
+    """The README's flow after a rotation: the primary is version 2, the model was trained on version 1."""
+    model, meta = load_model(mnist_small["model"])
+    assert model.dkit_key_id == meta.key_id == mnist_small["key"].key_id
+    other = test_key("rotated", shape="28x28", block="7", pipeline="rmt", noise=100, channels="shared")
+    with pytest.raises(KeyMismatch, match=f"key ID {other.key_id}.*not the key.*{meta.key_id}"):
+        DisguisedModel(model, other)
+    with pytest.raises(KeyMismatch):  # a stated key ID is checked the same way
+        DisguisedModel(model, other, key_id=meta.key_id)
+    bare = BlockViT((28, 28, 1), (7, 7), 10, **TINY_VIT)  # built by other code: no key ID recorded
+    with pytest.raises(InputError, match="does not say which key"):
+        DisguisedModel(bare, mnist_small["key"])
+    assert DisguisedModel(bare, mnist_small["key"], key_id=mnist_small["key"].key_id).key_id == meta.key_id
+
+
 def test_blockvit_blocks_match_the_disguise_layout():
     """The block-aware model cuts blocks exactly as the disguise does, so E_i meets R_i."""
     from dkit.engine.geometry import to_blocks
@@ -366,7 +381,9 @@ def test_wrapper_averages_over_fresh_noise(mnist_small):
     assert out.shape == (5, 10)
     torch.testing.assert_close(out.exp().sum(1), torch.ones(5))
     quiet = test_key("quiet", shape="28x28", block="7", pipeline="rmt", noise=0, channels="shared")
-    one, three = DisguisedModel(model, quiet).eval(), DisguisedModel(model, quiet, samples=3).eval()
+    # quiet is not the model's key: key_id= overrides the check on purpose (only the averaging is tested)
+    one = DisguisedModel(model, quiet, key_id=quiet.key_id).eval()
+    three = DisguisedModel(model, quiet, samples=3, key_id=quiet.key_id).eval()
     with torch.no_grad():  # without noise every sample is the same disguise: averaging changes nothing
         torch.testing.assert_close(three(x), torch.log_softmax(one(x), dim=1), atol=1e-5, rtol=1e-5)
 
@@ -566,3 +583,25 @@ def test_predict_refuses_a_broken_public_image(tmp_path):
     with pytest.raises(DecodeError, match=r"0003\.png: size 5x5") as e:
         predict(tmp_path / "model", src, key, public=open_source(public_dir))
     assert e.value.name.endswith("0003.png")
+
+
+def test_predict_refuses_0_1_floats_and_scales_them_on_request(mnist_small, tmp_path):
+    from PIL import Image
+
+    files = sorted((mnist_small["test"] / "3").iterdir())[:8]
+    plain = np.stack([np.asarray(Image.open(f)) for f in files])
+    np.save(tmp_path / "plain.npy", plain)
+    np.save(tmp_path / "scaled.npy", plain / 255.0)
+    with pytest.raises(DecodeError, match="look scaled to 0..1"):
+        predict(mnist_small["model"], open_source(tmp_path / "scaled.npy"), mnist_small["key"])
+    want = predict(mnist_small["model"], open_source(tmp_path / "plain.npy"), mnist_small["key"], top_k=1)
+    got = predict(
+        mnist_small["model"], open_source(tmp_path / "scaled.npy"), mnist_small["key"], top_k=1, float_range="0-1"
+    )
+    # fresh noise per call, so compare the classes the model is sure of, not the probabilities
+    sure = [
+        (a["top"][0]["class"], b["top"][0]["class"])
+        for a, b in zip(want["predictions"], got["predictions"], strict=True)
+        if a["top"][0]["probability"] > 0.9
+    ]
+    assert sure and all(a == b for a, b in sure)

@@ -40,6 +40,11 @@ def disguise(
     convert: bool = typer.Option(
         True, "--convert/--no-convert", help="Convert grey/RGB, alpha, 16-bit, palette and CMYK to the key's pixels."
     ),
+    float_range: str | None = typer.Option(
+        None,
+        "--float-range",
+        help="Float pixels (.npy/.npz): 0-1 (scaled by 255) or 0-255 (rounded); without it only whole values pass.",
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, or float16 (half the bytes)."),
     withhold_classes: bool = typer.Option(False, "--withhold-classes", help="Do not store the class names."),
     encodings: int = typer.Option(1, "--encodings", help="InstaHide: encodings per image (T)."),
@@ -62,6 +67,7 @@ def disguise(
         withhold_classes=withhold_classes,
         encodings=encodings,
         max_pixels=max_pixels,
+        float_range=float_range,
         shard=parse_shard(shard) if shard else None,
     )
     source = open_source(src, download=download)

@@ -113,6 +113,11 @@ def predict(
     samples: int | None = typer.Option(
         None, "--samples", help="Disguises per image, probabilities averaged (default 1; 4 for InstaHide)."
     ),
+    float_range: str | None = typer.Option(
+        None,
+        "--float-range",
+        help="Float pixels (.npy/.npz): 0-1 (scaled by 255) or 0-255 (rounded); default: the training data's.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ):
     """Disguise new images with the key (fresh noise), check the key against the model, print the classes."""
@@ -136,6 +141,7 @@ def predict(
         device=device,
         fit=fit,
         samples=samples,
+        float_range=float_range,
         public=open_source(public) if public else None,
     )
     rows = doc["predictions"]

@@ -53,10 +53,20 @@ class Policy:
     convert: bool = True
     fit: str = "none"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    float_range: str | None = None  # float pixels: None (whole numbers in 0..255 only), "0-1" or "0-255"
 
     def __post_init__(self):
         if self.fit not in FITS:
             raise InputError(f"unknown fit {self.fit!r}: choose " + ", ".join(FITS))
+        if self.float_range not in FLOAT_RANGES:
+            raise InputError(f"unknown float range {self.float_range!r}: choose 0-1 or 0-255")
+
+
+FLOAT_RANGES = (None, "0-1", "0-255")
+FLOAT_HINT = (
+    "say what the floats mean: --float-range 0-1 (scaled by 255, then rounded) or --float-range 0-255 "
+    "(rounded); in Python Policy(float_range=...)"
+)
 
 
 def sniff(data: bytes) -> str:
@@ -341,8 +351,38 @@ def convert_pil(im, name: str, policy: Policy) -> tuple[np.ndarray, tuple[str, .
 
 
 def convert_array(img: np.ndarray, name: str, policy: Policy) -> tuple[np.ndarray, tuple[str, ...]]:
-    """An in-memory image (H, W[, C]) of uint8/uint16 (or whole floats in 0..255) -> the key's geometry."""
+    """An in-memory image (H, W[, C]) of uint8/uint16, integers in 0..255, or floats (whole pixel values,
+    or scaled as ``policy.float_range`` says) -> the key's geometry."""
     return _convert(img, name, policy, [])
+
+
+def _float_pixels(arr: np.ndarray, name: str, policy: Policy, notes: list[str]) -> np.ndarray:
+    """Float pixels -> whole numbers in 0..255, never by a guess: without ``float_range`` only floats
+    that already are whole pixel values pass; 0..1 floats (which rounding would turn black) and any
+    other fractions are refused with a hint. A conversion that changes values is noted (reported)."""
+    if arr.size and not np.isfinite(arr).all():
+        raise DecodeError(name, "float pixels must be finite (found NaN or infinity)")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if policy.float_range == "0-1":
+        if lo < 0 or hi > 1:
+            raise DecodeError(name, f"float pixels lie in {lo:g}..{hi:g}, not 0..1", hint=FLOAT_HINT)
+        notes.append("float 0..1 scaled x255")
+        return np.rint(arr.astype(np.float64) * 255)
+    if lo < 0 or hi > 255:
+        raise DecodeError(name, f"float pixels lie in {lo:g}..{hi:g}, outside 0..255", hint=FLOAT_HINT)
+    whole = np.array_equal(arr, np.rint(arr))
+    if policy.float_range == "0-255":
+        if not whole:
+            notes.append("float 0..255 rounded")
+        return np.rint(arr)
+    if not whole:
+        looks = "look scaled to 0..1" if hi <= 1 else "are not whole pixel values"
+        raise DecodeError(name, f"float pixels {looks} ({lo:g}..{hi:g}); dkit does not guess a scale", hint=FLOAT_HINT)
+    if 0 < hi <= 1:
+        raise DecodeError(
+            name, "float pixels are all 0 or 1: a 0..1 image would turn black as 0..255", hint=FLOAT_HINT
+        )
+    return arr
 
 
 def _convert(img, name: str, policy: Policy, notes: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -354,9 +394,11 @@ def _convert(img, name: str, policy: Policy, notes: list[str]) -> tuple[np.ndarr
     if arr.dtype not in (np.uint8, np.uint16):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise DecodeError(name, f"dtype {arr.dtype} is not an image type")
-        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255):
-            raise DecodeError(name, "values must be finite and lie in 0..255")
-        arr = np.rint(arr).astype(np.uint8)
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = _float_pixels(arr, name, policy, notes)
+        elif arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DecodeError(name, f"values must lie in 0..255, found {arr.min()}..{arr.max()}")
+        arr = arr.astype(np.uint8)
     mode = {1: "grey", 2: "grey+alpha", 3: "rgb", 4: "rgba"}[arr.shape[2]]
     head = Header(arr.shape[1], arr.shape[0], mode, 16 if arr.dtype == np.uint16 else 8)
     arr = _to_channels(arr, head, policy, name, notes)

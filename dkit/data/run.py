@@ -44,6 +44,7 @@ class Options:
     withhold_classes: bool = False
     encodings: int = 1  # InstaHide: encodings per image
     max_pixels: int = DEFAULT_MAX_PIXELS
+    float_range: str | None = None  # float pixels: "0-1" or "0-255"; None refuses fractional floats
     shard: tuple[int, int] | None = None  # (index, count)
     batch: int = BATCH
 
@@ -55,6 +56,8 @@ class Options:
             "dtype": self.dtype,
             "encodings": self.encodings,
             "withhold_classes": self.withhold_classes,
+            # only when set, so files written without it keep their recorded options
+            **({"float_range": self.float_range} if self.float_range else {}),
         }
 
 
@@ -219,7 +222,13 @@ def disguise_source(
         raise InputError("--encodings applies to instahide keys only")
     if d.instahide is not None and params.mix == "cross" and public is None and params.k > 1:
         raise InputError("this key mixes with a public image set (instahide cross): pass --public SRC")
-    policy = Policy(params.shape, convert=options.convert, fit=options.fit, max_pixels=options.max_pixels)
+    policy = Policy(
+        params.shape,
+        convert=options.convert,
+        fit=options.fit,
+        max_pixels=options.max_pixels,
+        float_range=options.float_range,
+    )
     n_all = len(source)
     first, end = 0, n_all
     if options.shard:

@@ -15,6 +15,10 @@ from ..params import KeyParams
 FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+SCALED_01 = "float values in 0..1 look like images scaled to 0..1, which the disguise would treat as black"
+SCALED_01_HINT = "pass pixel values in 0..255 (multiply 0..1 images by 255)"
+
+
 def out_dtype(dtype) -> np.dtype:
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in FLOAT_DTYPES:
@@ -61,6 +65,8 @@ def check_values_np(x: np.ndarray, what: str, *, need_bytes: bool = False) -> No
             f"{what}: values must lie in 0..255, found {float(lo):g}..{float(hi):g}",
             hint="pass raw pixel values (not values scaled to 0..1 or normalised)",
         )
+    if np.issubdtype(x.dtype, np.floating) and 0 < hi <= 1 and not np.array_equal(x, np.round(x)):
+        raise InputError(f"{what}: {SCALED_01}", hint=SCALED_01_HINT)
     if need_bytes and np.issubdtype(x.dtype, np.floating) and not np.array_equal(x, np.round(x)):
         raise InputError(f"{what}: aes encrypts bytes, so pixel values must be whole numbers")
 

@@ -38,6 +38,10 @@ def check_values_torch(x: torch.Tensor, what: str, need_bytes: bool) -> None:
             f"{what}: values must lie in 0..255, found {lo:g}..{hi:g}",
             hint="pass raw pixel values (not values scaled to 0..1 or normalised)",
         )
+    if x.dtype.is_floating_point and 0 < hi <= 1 and not bool((x == torch.round(x)).all()):
+        from .geometry import SCALED_01, SCALED_01_HINT
+
+        raise InputError(f"{what}: {SCALED_01}", hint=SCALED_01_HINT)
     if need_bytes and x.dtype.is_floating_point and not bool((x == torch.round(x)).all()):
         raise InputError(f"{what}: aes encrypts bytes, so pixel values must be whole numbers")
 

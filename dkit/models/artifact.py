@@ -167,7 +167,11 @@ def load(model_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({empty[0]} is not in them)")
-    return model.to(device).eval(), meta
+    model = model.to(device).eval()
+    # Public, and what DisguisedModel checks a key against: a model is only ever used with its own key.
+    model.dkit_key_id = meta.key_id
+    model.dkit_key_version = meta.key_version
+    return model, meta
 
 
 def _check_size(meta: ModelMeta, state: dict, model_dir: Path) -> None:

@@ -54,6 +54,7 @@ def predict(
     convert: bool | None = None,
     public: Source | None = None,
     samples: int | None = None,
+    float_range: str | None = None,
 ) -> dict:
     model_dir = Path(model_dir)
     meta = artifact.read_meta(model_dir)
@@ -66,6 +67,7 @@ def predict(
         tuple(meta.in_shape),
         convert=opts.get("convert", True) if convert is None else convert,
         fit=fit or opts.get("fit", "none"),
+        float_range=float_range or opts.get("float_range"),
     )
     pool = decode_all(public, policy) if public is not None else None
     if key.params.has("instahide") and key.params.mix == "cross" and pool is None:

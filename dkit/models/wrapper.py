@@ -1,7 +1,13 @@
 """``DisguisedModel``: wrap any ``nn.Module`` trained on disguised data so that it takes plain images.
 
-    net = DisguisedModel(model, keystore.load("cifar"))
+    model, meta = dkit.models.load("model/")                  # records the model's key ID
+    net = DisguisedModel(model, keystore.load(f"cifar@{meta.key_version}"))
     logits = net(images)          # plain pixels 0..255, (N, C, H, W); disguised on the model's device
+
+The key must be the one the model was trained with: its ID is checked against the ID that
+``dkit.models.load`` records on the model (or ``key_id=``, for a model built by other code), and a
+mismatch is refused (``KeyMismatch``). A model that says nothing of its key is refused too: a model
+paired with the wrong key predicts at chance, silently.
 
 Each call disguises with fresh CSPRNG noise on the model's device (the torch kernels on CUDA, the
 fused numpy kernels on the CPU), then calls the wrapped model. Attributes the wrapper does not have
@@ -16,17 +22,49 @@ import torch
 from torch import nn
 
 from ..engine import Disguise, RandomSource
+from ..errors import InputError, KeyMismatch
+
+KEY_ID_ATTR = "dkit_key_id"  # set on a model by dkit.models.load: the public ID of its key version
+
+
+def check_model_key(model: nn.Module, key, key_id: str | None = None) -> str:
+    """Refuse a key whose public ID is not the model's. ``key_id`` overrides what the model records."""
+    want = key_id if key_id is not None else getattr(model, KEY_ID_ATTR, None)
+    if not want:
+        raise InputError(
+            "the model does not say which key it was trained with",
+            hint="load it with dkit.models.load (which records its key ID), or pass key_id= from its metadata",
+        )
+    got = getattr(key, "key_id", None)
+    if got != want:
+        ref = getattr(key, "ref", "the key")
+        raise KeyMismatch(
+            f"{ref} (key ID {got}) is not the key this model was trained with (key ID {want})",
+            hint='load the model\'s own version: Keystore().load(f"NAME@{meta.key_version}")',
+        )
+    return want
 
 
 class DisguisedModel(nn.Module):
-    def __init__(self, model: nn.Module, key, *, layout: str = "NCHW", pool=None, samples: int | None = None):
-        """``key``: a LoadedKey (or KeyMaterial). ``layout``: of the inputs, NCHW or NHWC.
+    def __init__(
+        self,
+        model: nn.Module,
+        key,
+        *,
+        layout: str = "NCHW",
+        pool=None,
+        samples: int | None = None,
+        key_id: str | None = None,
+    ):
+        """``key``: a LoadedKey (or KeyMaterial), checked against the model's key ID (recorded by
+        ``dkit.models.load``, or given as ``key_id``). ``layout``: of the inputs, NCHW or NHWC.
         ``samples``: disguise each input that many times (fresh noise, or fresh InstaHide mixes and
         masks) and return the log of the averaged probabilities; default 1, and 4 for InstaHide,
         whose keys mix each input with images of ``pool`` (default: the rest of the batch)."""
         super().__init__()
         if layout not in ("NCHW", "NHWC"):
             raise ValueError("layout is NCHW or NHWC")
+        check_model_key(model, key, key_id)
         self.model = model
         self.layout = layout
         is_mix = Disguise.from_key(key).instahide is not None
