@@ -71,6 +71,19 @@ class ArraySource(Source):
         return convert_array(self.images[i], self.names[i], policy)
 
 
+class SubsetSource(Source):
+    """Items ``indices`` of another source, in that order (decode a sample without the rest)."""
+
+    def __init__(self, base: Source, indices):
+        idx = [int(i) for i in indices]
+        labels = None if base.labels is None else np.asarray(base.labels)[idx]
+        super().__init__(f"{base.description} ({len(idx)} items)", [base.names[i] for i in idx], labels, base.classes)
+        self.base, self.indices = base, idx
+
+    def load(self, i, policy):
+        return self.base.load(self.indices[i], policy)
+
+
 class TorchvisionSource(Source):
     """Any map-style dataset whose items are (image, label) with a PIL image or a (C, H, W) tensor."""
 
