@@ -167,7 +167,7 @@ class KeyParams:
             raise ParameterError(
                 f"block {bh}x{bw} does not tile a {h}x{w} image ({bad})",
                 hint="choose a block whose sides divide the image's, or resize the images "
-                "to a shape that the block tiles (dkit disguise --resize)",
+                "to a shape that the block tiles (dkit disguise --fit resize)",
             )
         if self.spec != 1:
             raise ParameterError(f"derivation spec version {self.spec} is not known to this dkit")
@@ -200,6 +200,11 @@ class KeyParams:
                 raise ParameterError(f"instahide k={self.k}: k is between 1 and 16")
             if not (0.0 < self.bound <= 1.0) or (self.k > 1 and self.bound <= 1.0 / self.k):
                 raise ParameterError(f"instahide bound {self.bound}: it must lie in (1/k, 1] = ({1 / self.k:.3g}, 1]")
+            if self.k == 1 and self.bound < 1.0:  # one image's coefficient is 1: no draw could ever pass
+                raise ParameterError(
+                    f"instahide k=1 with bound {self.bound:g}: one image's coefficient is always 1",
+                    hint="k=1 (sign masks only) needs bound 1; mixing needs k >= 2",
+                )
             if self.mix not in MIX_MODES:
                 raise ParameterError(f"unknown instahide mix {self.mix!r}: choose inside or cross")
 

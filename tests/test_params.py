@@ -107,3 +107,10 @@ def test_from_dict_rejects_damage():
     ]:
         with pytest.raises(ParameterError):
             KeyParams.from_dict(broken)
+
+
+def test_instahide_k1_needs_bound_1():
+    """k=1 with the default bound 0.65 used to be accepted, then every encode failed."""
+    with pytest.raises(ParameterError, match="k=1"):
+        KeyParams.create("8x8", 4, "instahide", k=1)
+    assert KeyParams.create("8x8", 4, "instahide", k=1, bound=1.0).k == 1

@@ -6,11 +6,21 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import data, model
+from . import data, model, privacy
 from .common import App, out
 from .keys import keygen, keys_app
 
-app = App(help="Disguise image datasets with a secret key, train on the disguise, measure the privacy.")
+ENVIRONMENT = (
+    "Environment: DKIT_HOME, the state folder (key records, audit log; default ~/.local/share/dkit). "
+    "DKIT_KEYSTORE, keyring (the OS keyring, default) or file (a passphrase-encrypted file store). "
+    "DKIT_PASSPHRASE, the file store's passphrase when no prompt is possible. "
+    "Exit codes: 0 success, 1 when you must act, 2 for usage errors."
+)
+
+app = App(
+    help="Disguise image datasets with a secret key, train on the disguise, measure the privacy.",
+    epilog=ENVIRONMENT,
+)
 
 
 def _version(value: bool):
@@ -35,6 +45,8 @@ app.command("merge")(data.merge_cmd)
 app.command("preview")(data.preview_cmd)
 app.command("train")(model.train)
 app.command("predict")(model.predict)
+app.command("evaluate")(privacy.evaluate)
+app.command("calibrate")(privacy.calibrate)
 
 
 @app.command("demo")
@@ -52,4 +64,9 @@ def demo(
 
 
 def main() -> None:
+    import signal
+
+    from .common import on_sigterm
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     app()

@@ -27,6 +27,7 @@ class App(typer.Typer):
         kw.setdefault("pretty_exceptions_show_locals", False)  # locals could hold key material
         kw.setdefault("no_args_is_help", True)
         kw.setdefault("add_completion", False)
+        kw.setdefault("context_settings", {"help_option_names": ["-h", "--help"]})
         super().__init__(**kw)
 
     def command(self, *args, **kw):
@@ -39,10 +40,39 @@ class App(typer.Typer):
                     return fn(*a, **k)
                 except DkitError as e:
                     fail(e)
+                except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see on_sigterm): no traceback
+                    code = EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+                    err.print("[yellow]interrupted[/]" + (" (SIGTERM)" if code == EXIT_TERMINATED else ""))
+                    raise typer.Exit(code) from None
 
             return register(wrapped)
 
         return decorator
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds and cleans up exactly as Ctrl-C does."""
+
+
+_terminated = False
+
+
+def on_sigterm(signum, frame) -> None:
+    """Raise where the program is. Python may swallow the exception when the signal lands inside a
+    callback it guards (a fork hook, a finaliser), so the request is also remembered, and long
+    commands call ``check_terminated`` between batches."""
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+def check_terminated() -> None:
+    if _terminated:
+        raise Terminated()
 
 
 def fail(e: DkitError) -> None:

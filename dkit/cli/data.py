@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -33,21 +34,29 @@ def disguise(
     key: str = typer.Option(..., "--key", help="NAME or NAME@VERSION (default: the primary version)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output, or drop an interrupted run."),
-    on_error: str = typer.Option("fail", "--on-error", help="What a bad image does: fail (stop) or skip (count it)."),
+    on_error: Literal["fail", "skip"] = typer.Option(
+        "fail", "--on-error", help="What a bad image does: fail (stop) or skip (count it)."
+    ),
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: one per CPU)."),
-    shard: str | None = typer.Option(None, "--shard", help="Write shard I of N (I/N); join them with dkit merge."),
-    fit: str = typer.Option("none", "--fit", help="Sizes that differ from the key's: " + ", ".join(FITS) + "."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="Write shard I of N (I/N, I counted from 0: 0/4 .. 3/4); join them with dkit merge."
+    ),
+    fit: Literal["none", "resize", "crop", "resize-crop"] = typer.Option(
+        "none", "--fit", help="Sizes that differ from the key's: " + ", ".join(FITS) + "."
+    ),
     convert: bool = typer.Option(
         True, "--convert/--no-convert", help="Convert grey/RGB, alpha, 16-bit, palette and CMYK to the key's pixels."
     ),
-    float_range: str | None = typer.Option(
+    float_range: Literal["0-1", "0-255"] | None = typer.Option(
         None,
         "--float-range",
         help="Float pixels (.npy/.npz): 0-1 (scaled by 255) or 0-255 (rounded); without it only whole values pass.",
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, or float16 (half the bytes)."),
+    dtype: Literal["float32", "float16"] = typer.Option(
+        "float32", "--dtype", help="float32, or float16 (half the bytes)."
+    ),
     withhold_classes: bool = typer.Option(False, "--withhold-classes", help="Do not store the class names."),
-    encodings: int = typer.Option(1, "--encodings", help="InstaHide: encodings per image (T)."),
+    encodings: int = typer.Option(1, "--encodings", min=1, help="InstaHide: encodings per image (T)."),
     public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public image set to mix with."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (bombs)."),
     download: bool = typer.Option(False, "--download", help="Let a torchvision dataset download its files."),
@@ -78,6 +87,7 @@ def disguise(
         task = bar.add_task("disguise", total=None)
 
         def tick(done: int, total: int) -> None:
+            common.check_terminated()
             bar.update(task, completed=done, total=total)
 
         report = disguise_source(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -21,15 +22,17 @@ ARCH_NAMES = ("cnn", "resnet18", "blockvit")  # dkit.models.nets.ARCHS, named he
 def train(
     data: Path = typer.Argument(..., help="A disguised HDF5 file (dkit disguise)."),
     output: Path = typer.Option(..., "-o", "--output", help="The model folder to write."),
-    arch: str = typer.Option(
+    arch: Literal["auto", "cnn", "resnet18", "blockvit"] = typer.Option(
         "auto", "--arch", help="auto (blockvit for block disguises, else cnn), " + ", ".join(ARCH_NAMES) + "."
     ),
-    epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training data."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per training step."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default per architecture)."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of source images held out for validation."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    seed: int = typer.Option(0, "--seed"),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", min=0.0, max=0.9, help="Share of source images held out for validation."
+    ),
+    device: Literal["auto", "cpu", "cuda"] = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights, the split and the batch order."),
     mixup: float = typer.Option(0.0, "--mixup", help="Mixup alpha (0: off); valid on perm/RMT disguises."),
     arch_param: list[str] = typer.Option([], "--arch-param", help="Architecture setting KEY=INT, e.g. depth=4."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
@@ -67,6 +70,7 @@ def train(
         task = bar.add_task("train", total=None, epoch="", loss=0.0, acc=0.0)
 
         def tick(p: dict) -> None:
+            common.check_terminated()
             if "epoch_done" in p:
                 e = p["epoch_done"]
                 if not json_out:
@@ -105,15 +109,17 @@ def predict(
     model_dir: Path = typer.Argument(..., help="A model folder (dkit train)."),
     inputs: str = typer.Argument(..., help="Images: a folder (labelled sub-folders give an accuracy), .npy/.npz."),
     key: str = typer.Option(..., "--key", help="NAME or NAME@VERSION: the key the training data was disguised with."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
-    top_k: int = typer.Option(3, "--top-k", help="Classes to show per image."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    fit: str | None = typer.Option(None, "--fit", help="Size policy (default: the training data's)."),
+    fmt: Literal["table", "csv", "json"] = typer.Option("table", "--format", help="table, csv or json."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Classes to show per image."),
+    device: Literal["auto", "cpu", "cuda"] = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    fit: Literal["none", "resize", "crop", "resize-crop"] | None = typer.Option(
+        None, "--fit", help="Size policy (default: the training data's)."
+    ),
     public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public set to mix with."),
     samples: int | None = typer.Option(
         None, "--samples", help="Disguises per image, probabilities averaged (default 1; 4 for InstaHide)."
     ),
-    float_range: str | None = typer.Option(
+    float_range: Literal["0-1", "0-255"] | None = typer.Option(
         None,
         "--float-range",
         help="Float pixels (.npy/.npz): 0-1 (scaled by 255) or 0-255 (rounded); default: the training data's.",

@@ -379,9 +379,7 @@ def _float_pixels(arr: np.ndarray, name: str, policy: Policy, notes: list[str]) 
         looks = "look scaled to 0..1" if hi <= 1 else "are not whole pixel values"
         raise DecodeError(name, f"float pixels {looks} ({lo:g}..{hi:g}); dkit does not guess a scale", hint=FLOAT_HINT)
     if 0 < hi <= 1:
-        raise DecodeError(
-            name, "float pixels are all 0 or 1: a 0..1 image would turn black as 0..255", hint=FLOAT_HINT
-        )
+        raise DecodeError(name, "float pixels are all 0 or 1: a 0..1 image would turn black as 0..255", hint=FLOAT_HINT)
     return arr
 
 

@@ -9,10 +9,14 @@ one uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import hmac
 import os
 import shutil
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -145,17 +149,51 @@ def _batches(source: Source, policy: Policy, starts: list[int], end: int, batch:
     import torch.utils.data
 
     ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
-    return iter(
-        torch.utils.data.DataLoader(
-            ds,
-            batch_size=None,
-            shuffle=False,
-            num_workers=min(workers, len(starts)),
-            collate_fn=_identity,
-            prefetch_factor=2,
-            multiprocessing_context=ctx,
+    # Signals wait while the workers are forked: a Ctrl-C or SIGTERM landing inside a fork hook
+    # would be swallowed there with a traceback; held back, it arrives once the workers exist.
+    with _signals_held():
+        return iter(
+            torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                shuffle=False,
+                num_workers=min(workers, len(starts)),
+                collate_fn=_identity,
+                prefetch_factor=2,
+                multiprocessing_context=ctx,
+                worker_init_fn=functools.partial(_tie_to_parent, os.getpid()),
+            )
         )
-    )
+
+
+@contextlib.contextmanager
+def _signals_held():
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _tie_to_parent(parent: int, _worker: int) -> None:
+    """A decoding worker ends with its parent, however the parent ends (SIGKILL included): Linux
+    delivers SIGKILL to it when the parent dies (PR_SET_PDEATHSIG). Ctrl-C reaches the whole process
+    group; the parent alone handles it and shuts the workers down, so they ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: a worker just ends
+    if hasattr(signal, "pthread_sigmask"):  # forked while the parent held signals back
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _identity(x):
