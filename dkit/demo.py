@@ -9,6 +9,8 @@ when one works and are removed at the end; without a keyring it says so and keep
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import tempfile
 import time
 from importlib import resources
@@ -22,7 +24,8 @@ from rich.table import Table
 from .data import Options, disguise_source, open_source
 from .engine import Disguise
 from .errors import KeyMismatch, SecretBackendError
-from .keystore import KeyringBackend, Keystore, MemoryBackend
+from .keystore import FileBackend, KeyringBackend, Keystore, MemoryBackend
+from .keystore.backends import ENV_KEYSTORE, ENV_PASSPHRASE, FILE_STORE_NAME
 from .models import TrainOptions, predict, train
 from .models import load as load_model
 from .models.prediction import check_key
@@ -31,7 +34,13 @@ from .params import KeyParams
 SAMPLE = "mnist-2500.npz"
 
 
-def _backend(console: Console):
+def _backend(console: Console, home: Path):
+    if os.environ.get(ENV_KEYSTORE, "").strip().lower() == "file":
+        # The user chose the file store: honour it, in the demo's throw-away folder. Its passphrase is
+        # DKIT_PASSPHRASE when set, else a random one that lives only as long as this process.
+        phrase = os.environ.get(ENV_PASSPHRASE) or secrets.token_urlsafe(24)
+        console.print("[dim]keys: the passphrase-encrypted file store (DKIT_KEYSTORE=file), in a temporary folder[/]")
+        return FileBackend(home / FILE_STORE_NAME, lambda **_: phrase)
     try:
         backend = KeyringBackend()
         backend.get("dkit-demo-probe")
@@ -68,7 +77,7 @@ def run(console: Console | None = None, workdir: Path | None = None, epochs: int
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dkit-demo-")))
-        backend = _backend(console)
+        backend = _backend(console, workdir / "home")
         ks = Keystore(workdir / "home", backend=backend)
         stack.callback(_cleanup, ks, backend)
         with resources.files("dkit").joinpath("sample", SAMPLE).open("rb") as f, np.load(f) as z:

@@ -21,6 +21,7 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DKIT_HOME", str(home))
     monkeypatch.delenv("DKIT_KEYSTORE", raising=False)
     monkeypatch.delenv("DKIT_PASSPHRASE", raising=False)
+    monkeypatch.delenv("DKIT_BACKUP_PASSPHRASE", raising=False)
     return home
 
 
@@ -42,6 +43,7 @@ def cli(isolated_home, memory_backend, monkeypatch):
     from dkit.cli import app, common
 
     monkeypatch.setattr(common, "open_keystore", lambda: Keystore(isolated_home, backend=memory_backend))
+    monkeypatch.setattr(common, "interactive", lambda: True)  # input= plays the user at a terminal
     runner = CliRunner()
 
     def invoke(*args, input=None, env=None):

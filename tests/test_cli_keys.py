@@ -84,7 +84,10 @@ def test_export_import_through_the_cli(cli, tmp_path, isolated_home, monkeypatch
     assert r.exit_code == EXIT_ACTION and "use --force" in r.stderr
     r = cli("keys", "import", out, "--name", "k2", input="wrong passphrase\n")
     assert r.exit_code == EXIT_ACTION and "wrong passphrase" in r.stderr
-    monkeypatch.setenv("DKIT_PASSPHRASE", PHRASE)
+    monkeypatch.setenv("DKIT_PASSPHRASE", PHRASE)  # the store's passphrase is not the backup's
+    r = cli("keys", "import", out, "--name", "k2", "--json", input="wrong passphrase\n")
+    assert r.exit_code == EXIT_ACTION and "wrong passphrase" in r.stderr
+    monkeypatch.setenv("DKIT_BACKUP_PASSPHRASE", PHRASE)
     r = cli("keys", "import", out, "--name", "k2", "--json")
     assert r.exit_code == 0, r.output
     assert (
@@ -174,6 +177,7 @@ def test_no_seed_appears_in_home_output_or_json(cli, isolated_home, memory_backe
         run("keys", "rotate", name)
         run("keys", "rotate", name, "--json")
     monkeypatch.setenv("DKIT_PASSPHRASE", PHRASE)
+    monkeypatch.setenv("DKIT_BACKUP_PASSPHRASE", PHRASE)
     for args in [
         ("keys", "list"),
         ("keys", "list", "--json"),
@@ -218,3 +222,33 @@ def test_key_commands_do_not_import_torch():
         check=True,
     )
     assert r.stdout.strip() == "False"
+
+
+def test_no_terminal_gives_dkits_error_not_a_getpass_warning(tmp_path):
+    """Without a terminal and without DKIT_BACKUP_PASSPHRASE, export stops with a clear error; the
+    store's DKIT_PASSPHRASE is never reused for the backup."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DKIT_")}
+    env.update(DKIT_HOME=str(tmp_path / "home"), DKIT_KEYSTORE="file", DKIT_PASSPHRASE=PHRASE)
+    run = [sys.executable, "-m", "dkit"]
+    assert (
+        subprocess.run(
+            [*run, "keygen", "k", "--shape", "8x8", "--block", "4"],
+            env=env,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
+    r = subprocess.run(
+        [*run, "keys", "export", "k", "-o", tmp_path / "k.backup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == EXIT_ACTION and "no terminal" in r.stderr and "DKIT_BACKUP_PASSPHRASE" in r.stderr
+    assert "GetPassWarning" not in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "k.backup").exists()

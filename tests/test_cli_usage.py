@@ -3,6 +3,8 @@ environment, and hints name flags that exist."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dkit.errors import EXIT_USAGE, ParameterError
@@ -42,3 +44,12 @@ def test_block_hint_names_a_real_flag():
     with pytest.raises(ParameterError) as e:
         KeyParams.create("30x30", 4, "rmt")
     assert "--fit resize" in e.value.hint and "--resize)" not in e.value.hint
+
+
+def test_key_ids_are_never_cut_at_80_columns(cli):
+    assert cli("keygen", "cifar", "--shape", "32x32x3", "--block", "4").exit_code == 0
+    key_id = json.loads(cli("keys", "show", "cifar", "--json").stdout)["versions"][0]["key_id"]
+    for args in (("keys", "show", "cifar"), ("keys", "audit")):
+        r = cli(*args, env={"COLUMNS": "80"})
+        assert key_id in r.stdout, r.stdout
+    assert "* the primary version" in cli("keys", "audit", env={"COLUMNS": "80"}).stdout

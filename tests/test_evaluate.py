@@ -235,9 +235,27 @@ def test_cli_calibrate_writes_a_frontier(cli, mnist_folder, tmp_path):
 
     plain = subset(mnist_folder, tmp_path / "plain", per_class=50)
     report = tmp_path / "frontier.html"
-    r = cli("calibrate", plain, "--shape", "28x28", "--pipeline", "rmt", "--channels", "shared",
-            "--blocks", "7,5", "--noise", "0,100", "--epochs", "1", "--max-images", "500",
-            "--report", report, "--json")
+    r = cli(
+        "calibrate",
+        plain,
+        "--shape",
+        "28x28",
+        "--pipeline",
+        "rmt",
+        "--channels",
+        "shared",
+        "--blocks",
+        "7,5",
+        "--noise",
+        "0,100",
+        "--epochs",
+        "1",
+        "--max-images",
+        "500",
+        "--report",
+        report,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert [s["setting"] for s in doc["settings"]] == ["block 7, noise 0", "block 7, noise 100"]

@@ -456,3 +456,15 @@ def test_concurrent_processes_leave_a_consistent_store(isolated_home):
     keys = json.loads((isolated_home / "secrets.json").read_text())["entries"]
     assert len(keys) == 13
     assert len({ks.load(f"k@{v}").key_id for v in range(1, 14)}) == 13
+
+
+def test_a_file_store_key_is_found_without_dkit_keystore(isolated_home, monkeypatch):
+    """The record says where its secret is: no DKIT_KEYSTORE=file needed in every shell (issue 10)."""
+    monkeypatch.delenv("DKIT_KEYSTORE", raising=False)
+    made = Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: PHRASE)
+    made.keygen("k", KeyParams.create("8x8", 4, "perm,rmt"))
+    plain = Keystore(isolated_home, passphrase=lambda **_: PHRASE)  # no store named: follows the record
+    assert plain.load("k").key_id == made.load("k").key_id
+    v = plain.rotate("k")
+    assert v.secret_store == "file" and plain.load("k@2").key_id == v.key_id
+    assert plain.audit().ok

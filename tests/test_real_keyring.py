@@ -33,7 +33,7 @@ def dkit(isolated_home, tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("DKIT_")}
         env["DKIT_HOME"] = str(home)
         if passphrase:
-            env["DKIT_PASSPHRASE"] = passphrase
+            env["DKIT_PASSPHRASE"] = env["DKIT_BACKUP_PASSPHRASE"] = passphrase
         r = subprocess.run(
             [sys.executable, "-m", "dkit", *map(str, args)],
             env=env,

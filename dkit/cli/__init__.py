@@ -14,6 +14,7 @@ ENVIRONMENT = (
     "Environment: DKIT_HOME, the state folder (key records, audit log; default ~/.local/share/dkit). "
     "DKIT_KEYSTORE, keyring (the OS keyring, default) or file (a passphrase-encrypted file store). "
     "DKIT_PASSPHRASE, the file store's passphrase when no prompt is possible. "
+    "DKIT_BACKUP_PASSPHRASE, the passphrase of keys export/import backups (kept apart from the store's). "
     "Exit codes: 0 success, 1 when you must act, 2 for usage errors."
 )
 

@@ -99,16 +99,30 @@ def open_keystore() -> Keystore:
     return Keystore(passphrase=lambda new=False: ask_passphrase(new=new, what="the file store"))
 
 
-def ask_passphrase(*, new: bool, what: str) -> str:
-    """``$DKIT_PASSPHRASE``, else a hidden prompt (twice for a new one). Never from argv."""
-    env = os.environ.get(ENV_PASSPHRASE)
+def interactive() -> bool:
+    """Is somebody at a terminal to answer a hidden prompt? (Tests that type answers replace this.)"""
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+ENV_BACKUP_PASSPHRASE = "DKIT_BACKUP_PASSPHRASE"  # backups: never the store's passphrase by accident
+
+
+def ask_passphrase(*, new: bool, what: str, env_var: str = ENV_PASSPHRASE) -> str:
+    """``$env_var``, else a hidden prompt (twice for a new one). Never from argv. Without a terminal
+    there is nobody to ask: dkit says which variable to set (getpass would warn and echo)."""
+    env = os.environ.get(env_var)
     if env:
         return env
+    if not interactive():
+        raise PassphraseError(f"no passphrase for {what}, and no terminal to ask for one", hint=f"set {env_var}")
     try:
         return typer.prompt(f"Passphrase for {what}", hide_input=True, confirmation_prompt=new)
     except (typer.Abort, EOFError):
         raise PassphraseError(
-            f"no passphrase for {what}", hint=f"set {ENV_PASSPHRASE} or run in a terminal to be prompted"
+            f"no passphrase for {what}", hint=f"set {env_var} or run in a terminal to be prompted"
         ) from None
 
 

@@ -23,10 +23,18 @@ def _version_dict(name: str, primary: int, v: VersionRecord) -> dict:
     return {"key": name, "primary": v.version == primary, **v.to_dict()}
 
 
+def _column(table: Table, name: str) -> None:
+    """Key IDs are never cut or wrapped (users compare and copy them); other columns fold instead."""
+    if name == "key ID":
+        table.add_column(name, no_wrap=True, min_width=32, overflow="ignore")
+    else:
+        table.add_column(name, overflow="fold")
+
+
 def _show_record(rec: KeyRecord) -> None:
     table = Table(title=f"key {rec.name}", title_justify="left")
-    for col in ("version", "status", "primary", "created", "key ID", "store", "parameters"):
-        table.add_column(col)
+    for col in ("version", "status", "primary", "created", "key ID", "store"):
+        _column(table, col)
     for v in rec.versions:
         table.add_row(
             str(v.version),
@@ -35,9 +43,14 @@ def _show_record(rec: KeyRecord) -> None:
             v.created,
             v.key_id,
             v.secret_store,
-            escape(v.params.describe()),
         )
     out.print(table)
+    described = {v.version: v.params.describe() for v in rec.versions}
+    if len(set(described.values())) == 1:
+        out.print(f"parameters: {escape(next(iter(described.values())))}")
+    else:
+        for number, text in described.items():
+            out.print(f"parameters of version {number}: {escape(text)}")
 
 
 def keygen(
@@ -169,12 +182,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
     json_out: bool = JSON,
 ):
-    """Write a backup of a key, encrypted under a passphrase (prompt or DKIT_PASSPHRASE)."""
+    """Write a backup of a key, encrypted under a passphrase (prompt or DKIT_BACKUP_PASSPHRASE)."""
     if output.exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
     ks = common.open_keystore()
     ks.get(name)  # fail on an unknown key before asking for a passphrase
-    passphrase = common.ask_passphrase(new=True, what=f"the backup of {name}")
+    passphrase = common.ask_passphrase(new=True, what=f"the backup of {name}", env_var=common.ENV_BACKUP_PASSPHRASE)
     rec = ks.export(name, output, passphrase)
     if json_out:
         print_json({"key": rec.name, "file": str(output), "versions": [v.version for v in rec.versions]})
@@ -194,7 +207,7 @@ def import_(
     """Restore a key from a backup; each version's fingerprint is checked."""
     if not file.is_file():
         raise InputError(f"{file}: no such file")
-    passphrase = common.ask_passphrase(new=False, what=f"the backup {file}")
+    passphrase = common.ask_passphrase(new=False, what=f"the backup {file}", env_var=common.ENV_BACKUP_PASSPHRASE)
     rec = common.open_keystore().import_(file, passphrase, name=as_name)
     if json_out:
         print_json(rec.to_dict())
@@ -217,9 +230,9 @@ def audit(
     if json_out:
         print_json(report.to_dict())
     else:
-        table = Table(title=f"{report.lines} audit log lines", title_justify="left")
+        table = Table(title=f"{report.lines} audit log lines", title_justify="left", caption="* the primary version")
         for col in ("key", "status", "age (days)", "uses", "key ID"):
-            table.add_column(col)
+            _column(table, col)
         for v in report.versions:
             star = " *" if v["primary"] else ""
             table.add_row(

@@ -121,6 +121,9 @@ class Keystore:
         self.home = Path(home) if home is not None else default_home()
         self._backend = backend
         self._backend_kind = backend_kind
+        # A store given here is used for everything; otherwise each version's secret is read from the
+        # store its record names, and $DKIT_KEYSTORE only chooses where new keys go.
+        self._pinned = backend is not None or backend_kind is not None
         self._passphrase = passphrase
         self._clock = clock
 
@@ -177,7 +180,15 @@ class Keystore:
     def _label(self, state: StoreState, name: str, version: int) -> str:
         return f"{state.store_id}/{name}@{version}"
 
+    def _use_store(self, kind: str) -> None:
+        """Switch to the store ``kind`` (a record's), unless this key store was given one."""
+        if self._pinned or (self._backend is not None and self._backend.name == kind):
+            return
+        if kind in ("keyring", "file"):
+            self._backend = open_backend(kind, self.home, self._passphrase)
+
     def _check_store(self, v: VersionRecord, name: str) -> None:
+        self._use_store(v.secret_store)
         if v.secret_store != self.backend.name:
             raise SecretBackendError(
                 f"the secret of {name}@{v.version} is kept in the {v.secret_store} store, "
@@ -227,6 +238,7 @@ class Keystore:
     def rotate(self, name: str) -> VersionRecord:
         with self._locked() as state:
             rec = state.get(check_name(name))
+            self._use_store(rec.version(None).secret_store)  # a key's versions stay in one store
             v = self._new_version(state, name, rec.latest + 1, rec.version(None).params)
             state.keys[name] = KeyRecord(rec.name, rec.created, v.version, rec.versions + (v,))
             self._log(state, "rotate", name, v)
@@ -425,6 +437,7 @@ class Keystore:
                     )
                 if v.status != "destroyed":
                     try:
+                        self._use_store(v.secret_store)
                         missing = (
                             v.secret_store == self.backend.name
                             and self.backend.get(self._label(state, name, v.version)) is None
