@@ -54,7 +54,7 @@ CASES = {
         6,
         {},
     ),
-    "cifar-aes": ("cifar10-train-20k", dict(shape="32x32x3", block=4, pipeline="perm,aes"), "blockvit", 4, {}),
+    "cifar-aes": ("cifar10-train-20k", dict(shape="32x32x3", block=4, pipeline="perm,aes"), "blockvit", 2, {}),
     "mnist-aes": ("mnist-10k", dict(shape="28x28", block=7, pipeline="perm,aes"), "cnn", 4, {}),
     "cifar-instahide": (
         "cifar10-train-20k",
@@ -127,19 +127,7 @@ def main() -> None:
             results[name] = run_case(name, work, args.reports)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             for a in results[name]["attacks"]:
-                figs = {
-                    k: a[k]
-                    for k in (
-                        "examiner_accuracy",
-                        "misusability",
-                        "psnr_db",
-                        "ssim",
-                        "block_hit_rate",
-                        "placement_accuracy",
-                        "repeat_rate",
-                    )
-                    if k in a
-                }
+                figs = html_report.figure_text(a)
                 print(f"  {a['attack']:<12} L{a['level']} {json.dumps(a['params']):<40} {figs} -> {a['verdict']}")
             print(f"  model val_acc {results[name]['val_acc']:.3f}; seconds {results[name]['seconds']}", flush=True)
 

@@ -402,6 +402,31 @@ def placement_accuracy(r2: np.ndarray, p: np.ndarray) -> float:
 
 
 # -- the attack -------------------------------------------------------------------------------
+def score_placement(tdb, tp, recon, p, params, figures: dict, baseline: dict, notes: list):
+    """Key-free scoring of a recovered permutation ``p`` (for keys with ``perm``): the true source of
+    each disguised position from the held-out pairs, placement accuracy, and the mirror check. Fills
+    ``figures``/``baseline``/``notes``; returns (the SSIM the verdict uses, the true-source matrix or None)."""
+    best = figures["ssim"]
+    if not params.has("perm"):
+        return best, None
+    r2 = true_sources(tdb, to_blocks(tp, params), params)
+    if r2 is not None:
+        figures["placement_accuracy"] = placement_accuracy(r2, p)
+        baseline["placement_accuracy"] = 1.0 / params.positions
+    else:
+        notes.append("too few targets to score the placement")
+    psnr_m, ssim_m = quality(tp[:, :, ::-1], recon)
+    figures["psnr_db_mirrored"], figures["ssim_mirrored"] = psnr_m, ssim_m
+    if ssim_m > best + 0.05:
+        best = ssim_m
+        notes.append(
+            "the reconstructions are left-right mirror images of the originals: the permutation was "
+            "matched up to the grid's mirror symmetry, which the statistics of mirror-symmetric data "
+            "cannot resolve; the verdict uses ssim_mirrored"
+        )
+    return best, r2
+
+
 def _not_applicable(level: int, run_params: dict, note: str) -> AttackResult:
     return AttackResult("covariance", level, run_params, {}, "n/a", note=note)
 
@@ -460,24 +485,8 @@ def covariance_attack(
     psnr, ssim = quality(tp, recon)
     figures = {"psnr_db": psnr, "ssim": ssim}
     baseline = mean_image_baseline(as_images(public_plain, params), tp)
-    notes = []
-    best_ssim = ssim
-    if params.has("perm"):
-        r2 = true_sources(tdb, to_blocks(tp, params), params)
-        if r2 is not None:
-            figures["placement_accuracy"] = placement_accuracy(r2, p)
-            baseline["placement_accuracy"] = 1.0 / params.positions
-        else:
-            notes.append("too few targets to score the placement")
-        psnr_m, ssim_m = quality(tp[:, :, ::-1], recon)
-        figures["psnr_db_mirrored"], figures["ssim_mirrored"] = psnr_m, ssim_m
-        if ssim_m > ssim + 0.05:
-            best_ssim = ssim_m
-            notes.append(
-                "the reconstructions are left-right mirror images of the originals: the permutation was "
-                "matched up to the grid's mirror symmetry, which the statistics of mirror-symmetric data "
-                "cannot resolve; the verdict uses ssim_mirrored"
-            )
+    notes: list[str] = []
+    best_ssim, _ = score_placement(tdb, tp, recon, p, params, figures, baseline, notes)
     k = min(SAMPLES, len(tp))
     samples = {"original": clip8(tp[:k]), "disguised": clip8(td[:k]), "reconstructed": clip8(recon[:k])}
     return AttackResult(

@@ -329,25 +329,11 @@ def model_leak(
     figures = {"psnr_db": psnr, "ssim": ssim, "embedding_fit": fit}
     baseline = mean_image_baseline(as_images(public_plain, params), tp)
     baseline["embedding_fit"] = fit_null
-    notes = []
-    best_ssim = ssim
+    notes: list[str] = []
     # key-free scoring of what leaked: the true source of each disguised position from the held-out
     # pairs, then the single best frame fitted to the truth (an oracle for step 3 only)
-    r2 = cv.true_sources(tdb, tpb, params) if params.has("perm") else None
+    best_ssim, r2 = cv.score_placement(tdb, tp, recon, p, params, figures, baseline, notes)
     true_p = np.argmax(r2, axis=1) if r2 is not None else np.arange(params.positions)
-    if params.has("perm"):
-        if r2 is not None:
-            figures["placement_accuracy"] = cv.placement_accuracy(r2, p)
-            baseline["placement_accuracy"] = 1.0 / params.positions
-        else:
-            notes.append("too few targets to score the placement")
-        psnr_m, ssim_m = quality(tp[:, :, ::-1], recon)
-        figures["psnr_db_mirrored"], figures["ssim_mirrored"] = psnr_m, ssim_m
-        if ssim_m > ssim + 0.05:
-            best_ssim = ssim_m
-            notes.append(
-                "the reconstructions are left-right mirror images (grid symmetry); the verdict uses ssim_mirrored"
-            )
     if r2 is not None or not params.has("perm"):
         xt = cv.rows_of(tpb, params)[:, true_p]  # truth rows at each disguised position's true source
         h_star = _polar(np.einsum("ntk,ntm->km", xt, z))  # z ~ x H: H = polar(x^T z)
