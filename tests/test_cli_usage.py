@@ -53,3 +53,18 @@ def test_key_ids_are_never_cut_at_80_columns(cli):
         r = cli(*args, env={"COLUMNS": "80"})
         assert key_id in r.stdout, r.stdout
     assert "* the primary version" in cli("keys", "audit", env={"COLUMNS": "80"}).stdout
+
+
+def test_train_logs_plain_progress_lines_without_a_terminal(cli, tmp_path, monkeypatch):
+    from dkit.cli import model as model_cli
+    from dkit.data import Options, disguise_source, open_source
+
+    from helpers import make_folder, test_key
+
+    src = make_folder(tmp_path / "src", classes=("a", "b"), per_class=40, shape=(8, 8, 3))
+    disguise_source(open_source(src), tmp_path / "d.h5", test_key("t", shape="8x8x3", block="4"), Options(workers=0))
+    monkeypatch.setattr(model_cli, "LOG_EVERY_S", 0.0)
+    r = cli("train", tmp_path / "d.h5", "-o", tmp_path / "m", "--arch", "cnn", "--epochs", "2", "--batch-size", "16")
+    assert r.exit_code == 0, r.output
+    assert "epoch 1/2: step 1/" in r.stderr and "epoch 2/2: step" in r.stderr  # within-epoch lines
+    assert "epoch 2: train loss" in r.stderr  # and the per-epoch line

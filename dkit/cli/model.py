@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from ..errors import InputError
 from . import common
 from .common import err, escape, out, print_json
 
+LOG_EVERY_S = 30.0  # without a terminal: a progress line at most this often within an epoch
 ARCH_NAMES = ("cnn", "resnet18", "blockvit")  # dkit.models.nets.ARCHS, named here to keep torch out of start-up
 
 
@@ -69,6 +71,8 @@ def train(
     with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
         task = bar.add_task("train", total=None, epoch="", loss=0.0, acc=0.0)
 
+        last = [time.monotonic()]
+
         def tick(p: dict) -> None:
             common.check_terminated()
             if "epoch_done" in p:
@@ -80,6 +84,12 @@ def train(
                         f"({e['seconds']:.1f}s, {e['images_per_second']:,.0f} img/s)"
                     )
                 return
+            if not err.is_terminal and not json_out and time.monotonic() - last[0] >= LOG_EVERY_S:
+                last[0] = time.monotonic()  # a log file gets a plain line now and then, not a bar
+                err.print(
+                    f"epoch {p['epoch']}/{p['epochs']}: step {p['step']}/{p['steps']}, "
+                    f"train loss {p['loss']:.4f}, acc {p['acc']:.4f}"
+                )
             bar.update(
                 task,
                 completed=p["step"],
