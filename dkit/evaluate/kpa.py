@@ -133,7 +133,7 @@ def kpa(
         params={"pairs": m, "noise": params.noise},
         figures=figures,
         verdict=verdict_from_ssim(ssim, base["ssim"]),
-        note=f"PSNR ceiling from the noise alone: {noise_ceiling_db(params.noise):.1f} dB",
+        note=f"a perfect key estimate leaves the noise: {noise_ceiling_db(params.noise):.1f} dB (before clipping)",
         baseline=base,
         samples={
             "original": clip8(truth[:8]),

@@ -43,6 +43,17 @@ def setting_text(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
+def counts_text(counts: dict) -> str:
+    """What the figures rest on, in words."""
+    if not counts:
+        return ""
+    return (
+        f"Plain images: {counts.get('plain', 0):,} ({counts.get('targets', 0):,} held-out targets, "
+        f"{counts.get('pair_pool', 0):,} for known pairs, {counts.get('public', 0):,} unpaired); "
+        f"{counts.get('cloud_rows', 0):,} rows of the disguised dataset as the cloud's view."
+    )
+
+
 def png_grid(rows: dict[str, np.ndarray], scale: int = 3) -> str:
     """Images (n, H, W, C) uint8 per row name -> a data: URI of one PNG grid (rows top to bottom)."""
     from PIL import Image
@@ -222,9 +233,9 @@ def render(doc: dict, samples: list[tuple[str, dict]], *, title: str = "dkit eva
         f"<h1>{e(title)}</h1>",
     ]
     parts.append(
-        f"<p>Key ID <code>{e(str(doc.get('key_id')))}</code>, version {e(str(doc.get('key_version')))}, "
-        f"pipeline <b>{e(' + '.join(doc.get('pipeline', [])))}</b>; "
-        f"{e(setting_text({k: v for k, v in (doc.get('params') or {}).items() if k != 'spec'}))}.</p>"
+        f"<p>Key ID <code>{e(str(doc.get('key_id')))}</code>, version {e(str(doc.get('key_version')))}: "
+        f"<b>{e(doc.get('setting') or ' + '.join(doc.get('pipeline', [])))}</b>. "
+        f"{e(counts_text(doc.get('counts') or {}))}</p>"
     )
     parts.append(
         "<p>A disguise is not encryption. <b>holds</b>: the attack did no better than a guess without "

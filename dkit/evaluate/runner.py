@@ -46,6 +46,7 @@ class Evaluation:
     key_version: int
     pipeline: list[str]
     params: dict
+    setting: str
     data: str
     counts: dict
     results: list[AttackResult] = field(default_factory=list)
@@ -62,6 +63,7 @@ class Evaluation:
             "key_version": self.key_version,
             "pipeline": self.pipeline,
             "params": self.params,
+            "setting": self.setting,
             "data": self.data,
             "counts": self.counts,
             "levels": {str(k): v for k, v in LEVELS.items()},
@@ -170,7 +172,9 @@ def evaluate(
         "pair_pool": int(n_pairs),
         "public": int(len(public)),
     }
-    ev = Evaluation(key.key_id, key.version, list(params.pipeline), params.to_dict(), str(data), counts)
+    ev = Evaluation(
+        key.key_id, key.version, list(params.pipeline), params.to_dict(), params.describe(), str(data), counts
+    )
 
     if d.instahide is None:
         targets_d = d.apply(targets)
