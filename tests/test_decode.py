@@ -207,7 +207,7 @@ def test_arrays_convert_like_files():
     assert np.array_equal(img, RGB_PIX)
     for bad, words in [
         (np.full((16, 16, 3), 300.0), "0..255"),
-        (np.full((16, 16, 3), np.nan), "0..255"),
+        (np.full((16, 16, 3), np.nan), "finite"),
         (np.zeros((16, 16, 5)), "not an image"),
         (np.zeros((16, 16, 3), bool), "not an image type"),
     ]:
