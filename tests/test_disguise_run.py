@@ -454,3 +454,21 @@ def test_virtual_merge_images_name_their_encoding(tmp_path):
         del f["images"].attrs["encoding_type"]
     with pytest.raises(FormatError, match="encoding_type and encoding_version are missing or unknown"):
         inspect(out)
+
+
+def test_a_run_killed_while_laying_out_its_file_resumes_from_scratch(tmp_path):
+    """SIGTERM/SIGKILL between creating the partial file and writing the images' attributes left a
+    file that --resume refused ("encoding_type ... missing"): nothing was committed, so start afresh."""
+    src = open_source(make_folder(tmp_path / "src", per_class=4))
+    out = tmp_path / "o.h5"
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        disguise_source(src, out, KEY, Options(workers=0, batch=4), progress=stop)
+    with h5py.File(partial_path(out), "r+") as f:  # as if killed before the first batch and the attributes
+        del f["images"].attrs["encoding_type"]
+        f.attrs["rows"], f.attrs["progress_sources"] = 0, 0
+    rep = disguise_source(src, out, KEY, Options(workers=0), resume=True)
+    assert rep.resumed_from == 0 and inspect(out).rows == 8 and verify(out)["ok"]

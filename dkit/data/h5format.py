@@ -317,7 +317,10 @@ class Writer:
             self._open_datasets()
             self.f.flush()
         except BaseException:
+            # Interrupted while laying the file out: nothing is committed, so nothing is lost, and a
+            # half-laid-out file would only stand in the way of the next run.
             self.close()
+            self.path.unlink(missing_ok=True)
             raise
 
     def _open_datasets(self) -> None:

@@ -292,6 +292,8 @@ def disguise_source(
     report = Report(out=str(out), ignored=len(source.ignored))
     pos, rows, skipped = first, 0, 0
     resumed = None
+    if resume and partial.exists() and _nothing_committed(partial):
+        partial.unlink()  # killed while the file was being laid out: start afresh, nothing is lost
     if resume and partial.exists():
         resumed = _resumable(partial, meta)
         pos, rows, skipped = resumed.progress_sources, resumed.rows, resumed.source_skipped
@@ -467,6 +469,16 @@ def _runs(ok: np.ndarray) -> list[np.ndarray]:
         return []
     cuts = np.flatnonzero(np.diff(idx) != 1) + 1
     return np.split(idx, cuts)
+
+
+def _nothing_committed(partial: Path) -> bool:
+    """An interrupted file that records no committed row and no progress (or cannot say so)."""
+    try:
+        with h5format.open_h5(partial) as f:
+            a = f.attrs
+            return int(a.get("rows", 0)) == 0 and int(a.get("progress_sources", 0)) == 0 and not a.get("complete")
+    except Exception:  # noqa: BLE001 - not even the root attributes: not a file we can resume
+        return False
 
 
 def _resumable(partial: Path, meta: h5format.Meta) -> h5format.Meta:
