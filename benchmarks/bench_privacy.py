@@ -74,8 +74,9 @@ def unpack(name: str, work: Path) -> Path:
     return out
 
 
-def run_case(name: str, work: Path, reports: Path) -> dict:
+def run_case(name: str, work: Path, reports: Path, epochs_override: int | None = None) -> dict:
     archive, kp, arch, epochs, dopts = CASES[name]
+    epochs = epochs_override or epochs
     folder = unpack(archive, work)
     ks = Keystore(work / f"home-{name}", backend=MemoryBackend())
     ks.keygen(name, KeyParams.create(**kp))
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "privacy.json")
     ap.add_argument("--reports", type=Path, default=HERE / "results")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs for every case (default: per case)")
     args = ap.parse_args()
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
@@ -124,7 +126,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for name in names:
             print(f"== {name}", flush=True)
-            results[name] = run_case(name, work, args.reports)
+            results[name] = run_case(name, work, args.reports, args.epochs)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             for a in results[name]["attacks"]:
                 figs = html_report.figure_text(a)
