@@ -267,3 +267,22 @@ def test_cli_calibrate_writes_a_frontier(cli, mnist_folder, tmp_path):
     assert all(0 <= s["utility"] <= 1 for s in doc["settings"]) and doc["frontier"]
     page = report.read_text()
     assert "<svg" in page and "block 7, noise 100" in page and doc["recommendation"] in page.replace("&#x27;", "'")
+
+
+def test_the_cloud_sample_spans_the_whole_file(tmp_path):
+    """A file in listing order is sorted by class: the level-1 sample must not be one contiguous slice
+    (it held two or three CIFAR classes, and the covariance attack failed on the skewed statistics)."""
+    from PIL import Image
+
+    from dkit.data import inspect
+    from dkit.evaluate.runner import _cloud_sample
+
+    for cls, value in (("a", 0), ("b", 255)):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(300):
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / "src" / cls / f"{i:03d}.png")
+    key = test_key("id", shape="8x8", block="4", pipeline="identity")
+    disguise_source(open_source(tmp_path / "src"), tmp_path / "d.h5", key, Options(workers=0))
+    for seed in range(5):
+        x = _cloud_sample(tmp_path / "d.h5", inspect(tmp_path / "d.h5"), 100, np.random.default_rng(seed))
+        assert len(x) == 100 and 20 < (x.reshape(100, -1).mean(axis=1) > 127).sum() < 80

@@ -251,11 +251,16 @@ def _model_labels(plain: Source, model_meta, labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _cloud_sample(path: Path, meta, rows: int, rng) -> np.ndarray:
-    """Up to ``rows`` rows of the disguised dataset, in file order from a random start (contiguous
-    reads: chunked HDF5 is slow to read at random)."""
+def _cloud_sample(path: Path, meta, rows: int, rng, runs: int = 50) -> np.ndarray:
+    """Up to ``rows`` rows of the disguised dataset, as the cloud holds them: ``runs`` contiguous runs
+    at random places spread over the whole file (a file in listing order is sorted by class, so one
+    contiguous slice would hold a few classes only; single random rows would read a chunk each)."""
+    n = int(meta.rows)
     with h5format.open_h5(path) as f:
-        n = int(meta.rows)
-        take = min(rows, n)
-        first = int(rng.integers(0, n - take + 1)) if n > take else 0
-        return np.asarray(f["images"][first : first + take], dtype=np.float32)
+        images = f["images"]
+        if n <= rows:
+            return np.asarray(images[:], dtype=np.float32)
+        length = max(1, rows // runs)
+        slots = n // length
+        starts = np.sort(rng.choice(slots, size=min(runs, slots), replace=False)) * length
+        return np.concatenate([np.asarray(images[a : a + length], dtype=np.float32) for a in starts])
