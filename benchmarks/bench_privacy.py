@@ -74,7 +74,9 @@ def unpack(name: str, work: Path) -> Path:
     return out
 
 
-def run_case(name: str, work: Path, reports: Path, epochs_override: int | None = None) -> dict:
+def run_case(
+    name: str, work: Path, reports: Path, epochs_override: int | None = None, train_model: bool = True
+) -> dict:
     archive, kp, arch, epochs, dopts = CASES[name]
     epochs = epochs_override or epochs
     folder = unpack(archive, work)
@@ -85,13 +87,17 @@ def run_case(name: str, work: Path, reports: Path, epochs_override: int | None =
     t0 = time.perf_counter()
     disguise_source(open_source(folder), h5, key, Options(workers=2, **dopts))
     t1 = time.perf_counter()
-    metrics = train(h5, work / f"model-{name}", TrainOptions(arch=arch, epochs=epochs), force=True)
+    metrics = (
+        train(h5, work / f"model-{name}", TrainOptions(arch=arch, epochs=epochs), force=True)
+        if train_model
+        else {"final": {"val_acc": None}}
+    )
     t2 = time.perf_counter()
     ev = evaluate(
         h5,
         key,
         open_source(folder),
-        model_dir=work / f"model-{name}",
+        model_dir=work / f"model-{name}" if train_model else None,
         settings=Settings(),
         progress=lambda m: print(f"  {name}: {m}", flush=True),
     )
@@ -114,6 +120,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "privacy.json")
     ap.add_argument("--reports", type=Path, default=HERE / "results")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs for every case (default: per case)")
+    ap.add_argument("--no-train", action="store_true", help="no model: skip misusability and the model-leak attack")
     args = ap.parse_args()
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
@@ -126,12 +133,12 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for name in names:
             print(f"== {name}", flush=True)
-            results[name] = run_case(name, work, args.reports, args.epochs)
+            results[name] = run_case(name, work, args.reports, args.epochs, train_model=not args.no_train)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             for a in results[name]["attacks"]:
                 figs = html_report.figure_text(a)
                 print(f"  {a['attack']:<12} L{a['level']} {json.dumps(a['params']):<40} {figs} -> {a['verdict']}")
-            print(f"  model val_acc {results[name]['val_acc']:.3f}; seconds {results[name]['seconds']}", flush=True)
+            print(f"  model val_acc {results[name]['val_acc']}; seconds {results[name]['seconds']}", flush=True)
 
 
 if __name__ == "__main__":
