@@ -131,7 +131,7 @@ def test_aes_on_mnist_leaks_the_background(mnist):
     assert r.figures["block_hit_rate"] > 0.3  # the black blocks, recovered with no pair at all
 
 
-def test_cli_evaluate_json_report_and_key_checks(cli, mnist_folder, tmp_path):
+def test_cli_evaluate_json_report_and_key_checks(cli, mnist_folder, tmp_path, memory_backend):
     """The papers' MNIST key end to end: disguise, train, evaluate with --json and --report."""
     from helpers import subset
 
@@ -188,6 +188,10 @@ def test_cli_evaluate_json_report_and_key_checks(cli, mnist_folder, tmp_path):
     assert all({"psnr_db", "ssim", "verdict"} <= set(a) for a in kpa_rows)
     page = report.read_text()
     assert page.count("<svg") >= 1 and page.count("data:image/png;base64,") >= 3 and "Level 3" in page
+    from test_cli_keys import seed_forms
+
+    seeds = [v.expose() for v in memory_backend._items.values()]
+    assert seeds and not any(f in page.encode() or f in r.stdout.encode() for sd in seeds for f in seed_forms(sd))
     assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     # the table form
     r = cli("evaluate", h5, "--key", "mn", "--plain", plain, "--attacks", "kpa", "--pairs", "10", "--targets", "100")

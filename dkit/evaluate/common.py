@@ -15,7 +15,17 @@ import numpy as np
 from ..engine.geometry import from_blocks, to_blocks
 from ..params import KeyParams
 
-__all__ = ["AttackResult", "quality", "verdict_from_ssim", "to_blocks", "from_blocks", "as_images", "clip8"]
+__all__ = [
+    "AttackResult",
+    "quality",
+    "verdict_from_ssim",
+    "to_blocks",
+    "from_blocks",
+    "rows_of",
+    "unrows",
+    "as_images",
+    "clip8",
+]
 
 LEVELS = {
     1: "the cloud: disguised data, the model, public knowledge",
@@ -104,3 +114,25 @@ def mean_image_baseline(public: np.ndarray, truth: np.ndarray) -> dict:
     guess = np.broadcast_to(np.asarray(public, dtype=np.float64).mean(axis=0), truth.shape)
     psnr, ssim = quality(truth, guess)
     return {"psnr_db": psnr, "ssim": ssim}
+
+
+def rows_of(blocks: np.ndarray, params: KeyParams) -> np.ndarray:
+    """(N, t, d) blocks -> (N * r, t, m) samples of the matrix's input: r = 1, m = d for joint keys;
+    r = BH * C rows of BW pixels for shared keys (each row is multiplied by the same R)."""
+    if params.channels == "joint":
+        return blocks
+    n, t, _ = blocks.shape
+    bh, bw = params.block
+    c = params.shape[2]
+    return blocks.reshape(n, t, bh, bw, c).transpose(0, 2, 4, 1, 3).reshape(n * bh * c, t, bw)
+
+
+def unrows(z: np.ndarray, params: KeyParams) -> np.ndarray:
+    """The inverse of :func:`rows_of`."""
+    if params.channels == "joint":
+        return z
+    bh, bw = params.block
+    c = params.shape[2]
+    t = z.shape[1]
+    n = z.shape[0] // (bh * c)
+    return z.reshape(n, bh, c, t, bw).transpose(0, 3, 1, 4, 2).reshape(n, t, bh * bw * c)

@@ -46,7 +46,9 @@ from .common import (
     from_blocks,
     mean_image_baseline,
     quality,
+    rows_of,
     to_blocks,
+    unrows,
     verdict_from_ssim,
 )
 
@@ -56,29 +58,7 @@ SAMPLES = 8
 MAX_DIM = 8192  # t * m above this: the full cross-covariance matrix would not fit comfortably
 
 
-# -- the matrix frame -------------------------------------------------------------------------
-def rows_of(blocks: np.ndarray, params: KeyParams) -> np.ndarray:
-    """(N, t, d) blocks -> (N * r, t, m) samples of the matrix's input: r = 1, m = d for joint keys;
-    r = BH * C rows of BW pixels for shared keys (each row is multiplied by the same R)."""
-    if params.channels == "joint":
-        return blocks
-    n, t, _ = blocks.shape
-    bh, bw = params.block
-    c = params.shape[2]
-    return blocks.reshape(n, t, bh, bw, c).transpose(0, 2, 4, 1, 3).reshape(n * bh * c, t, bw)
-
-
-def unrows(z: np.ndarray, params: KeyParams) -> np.ndarray:
-    """The inverse of :func:`rows_of`."""
-    if params.channels == "joint":
-        return z
-    bh, bw = params.block
-    c = params.shape[2]
-    t = z.shape[1]
-    n = z.shape[0] // (bh * c)
-    return z.reshape(n, bh, c, t, bw).transpose(0, 3, 1, 4, 2).reshape(n, t, bh * bw * c)
-
-
+# -- statistics in the matrix frame (rows_of, common) -------------------------------------------
 class Moments:
     """Mean (t, m), full covariance (t, t, m, m) between positions (rows paired by index), the
     eigen-decomposition of each position's covariance and the third moments in that eigenbasis."""

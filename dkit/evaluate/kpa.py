@@ -28,7 +28,9 @@ from .common import (
     from_blocks,
     mean_image_baseline,
     quality,
+    rows_of,
     to_blocks,
+    unrows,
     verdict_from_ssim,
 )
 
@@ -41,24 +43,12 @@ def noise_mean(params: KeyParams) -> float:
 
 def samples(blocks: np.ndarray, params: KeyParams) -> np.ndarray:
     """(n, t, d) blocks -> (t, S, q): per position, the row vectors a key matrix acts on."""
-    n, t, d = blocks.shape
-    if params.channels == "joint" or "rmt" not in params.pipeline:
-        return blocks.transpose(1, 0, 2)
-    bh, bw = params.block
-    c = params.shape[2]
-    # (n, t, bh, bw, c) -> (t, n, bh, c, bw): each channel's pixel rows
-    rows = blocks.reshape(n, t, bh, bw, c).transpose(1, 0, 2, 4, 3)
-    return rows.reshape(t, n * bh * c, bw)
+    return rows_of(blocks, params).transpose(1, 0, 2)
 
 
-def unsamples(rows: np.ndarray, params: KeyParams, n: int) -> np.ndarray:
+def unsamples(rows: np.ndarray, params: KeyParams) -> np.ndarray:
     """The inverse of ``samples``: (t, S, q) -> (n, t, d)."""
-    if params.channels == "joint" or "rmt" not in params.pipeline:
-        return rows.transpose(1, 0, 2)
-    bh, bw = params.block
-    c = params.shape[2]
-    t = rows.shape[0]
-    return rows.reshape(t, n, bh, c, bw).transpose(1, 0, 2, 4, 3).reshape(n, t, bh * bw * c)
+    return unrows(rows.transpose(1, 0, 2), params)
 
 
 def match_positions(xs: np.ndarray, ys: np.ndarray, orthogonal: bool) -> np.ndarray:
@@ -121,7 +111,7 @@ def kpa(
     rec_rows = np.einsum("jsq,jqe->jse", rt, invert(r, orthogonal))
     placed = np.empty_like(rec_rows)
     placed[src] = rec_rows  # back to input positions
-    recon = from_blocks(unsamples(placed, params, len(yt)), params)
+    recon = from_blocks(unsamples(placed, params), params)
     psnr, ssim = quality(truth, recon)
     base = mean_image_baseline(public_plain if public_plain is not None else xp, truth)
     figures = {"psnr_db": psnr, "ssim": ssim}

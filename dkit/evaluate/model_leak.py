@@ -50,7 +50,9 @@ from .common import (
     from_blocks,
     mean_image_baseline,
     quality,
+    rows_of,
     to_blocks,
+    unrows,
     verdict_from_ssim,
 )
 
@@ -228,7 +230,7 @@ def solve_frame(dis: cv.Moments, pub: cv.Moments, p: np.ndarray, params: KeyPara
 
 def _aligned_rows(images: np.ndarray, q: np.ndarray, params: KeyParams) -> np.ndarray:
     """(N * r, t, m): (y - N/2) in the matrix frame, each position turned by Q_j^T (all in one frame)."""
-    z = cv.rows_of(to_blocks(as_images(images, params), params) - params.noise / 2, params)
+    z = rows_of(to_blocks(as_images(images, params), params) - params.noise / 2, params)
     return np.einsum("ntm,tkm->ntk", z, q)
 
 
@@ -300,7 +302,7 @@ def model_leak(
     fit_null = null_fit(f, params)
 
     noise = float(params.noise)
-    pub = cv.Moments(cv.rows_of(to_blocks(as_images(public_plain, params), params), params))
+    pub = cv.Moments(rows_of(to_blocks(as_images(public_plain, params), params), params))
     dis = cv.Moments(_aligned_rows(stats_images, q, params), noise**2 / 12, 0.0)
     if params.has("perm"):
         sim = _cosine(pos) + _cosine(aligned)
@@ -322,7 +324,7 @@ def model_leak(
         x = np.einsum("ntm,km->ntk", z, h)
         out = np.empty_like(x)
         out[:, place] = x
-        return from_blocks(cv.unrows(out, params), params)
+        return from_blocks(unrows(out, params), params)
 
     recon = rebuild(hmat, p)
     psnr, ssim = quality(tp, recon)
@@ -335,7 +337,7 @@ def model_leak(
     best_ssim, r2 = cv.score_placement(tdb, tp, recon, p, params, figures, baseline, notes)
     true_p = np.argmax(r2, axis=1) if r2 is not None else np.arange(params.positions)
     if r2 is not None or not params.has("perm"):
-        xt = cv.rows_of(tpb, params)[:, true_p]  # truth rows at each disguised position's true source
+        xt = rows_of(tpb, params)[:, true_p]  # truth rows at each disguised position's true source
         h_star = _polar(np.einsum("ntk,ntm->km", xt, z))  # z ~ x H: H = polar(x^T z)
         res = ((np.einsum("ntm,km->ntk", z, h_star) - xt) ** 2).sum()
         tot = ((xt - xt.mean(axis=0)) ** 2).sum()
