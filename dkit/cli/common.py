@@ -96,7 +96,10 @@ def print_json(obj: Any) -> None:
 
 def open_keystore() -> Keystore:
     """The key store of ``$DKIT_HOME`` with the backend of ``$DKIT_KEYSTORE`` (tests may replace this)."""
-    return Keystore(passphrase=lambda new=False: ask_passphrase(new=new, what="the file store"))
+    return Keystore(
+        passphrase=lambda new=False: ask_passphrase(new=new, what="the file store"),
+        on_recover=lambda done: err.print(f"[yellow]note:[/] {escape(done)} (see dkit keys audit)"),
+    )
 
 
 def interactive() -> bool:

@@ -9,10 +9,10 @@ is caught too. Editing any line breaks either its own hash or the next line's ``
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import jsonload
 from ..home import append_line
 from ..params import canonical_json
 
@@ -25,13 +25,19 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
-def append(path: Path, head: dict | None, fields: dict) -> dict:
-    """Append an entry after ``head`` ({"n", "hash"}); returns the new head. Caller holds the lock."""
+def entry_line(head: dict | None, fields: dict) -> tuple[bytes, dict]:
+    """The line of an entry that follows ``head`` ({"n", "hash"}), and the new head."""
     n = (head or {}).get("n", 0) + 1
     entry = {"n": n, **fields, "prev": (head or {}).get("hash", GENESIS)}
     entry["hash"] = entry_hash(entry)
-    append_line(path, canonical_json(entry) + b"\n")
-    return {"n": n, "hash": entry["hash"]}
+    return canonical_json(entry) + b"\n", {"n": n, "hash": entry["hash"]}
+
+
+def append(path: Path, head: dict | None, fields: dict) -> dict:
+    """Append an entry after ``head``; returns the new head. Caller holds the lock."""
+    line, head = entry_line(head, fields)
+    append_line(path, line)
+    return head
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def read(path: Path, head: dict | None) -> tuple[list[dict], list[ChainProblem]]
         raw_lines.pop()
     for i, raw in enumerate(raw_lines, start=1):
         try:
-            entry = json.loads(raw)
+            entry = jsonload.loads(raw)
             if not isinstance(entry, dict):
                 raise ValueError
         except ValueError:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from .. import jsonload
 from ..errors import PassphraseError, SecretBackendError, StoreCorrupt
 from ..home import atomic_write
 from ..secret import Seed
@@ -152,7 +153,7 @@ class FileBackend:
         if not self.path.exists():
             return None
         try:
-            doc = json.loads(self.path.read_bytes())
+            doc = jsonload.loads(self.path.read_bytes())
             if doc.get("format") != "dkit-file-store":
                 raise ValueError("not a dkit file store")
             if doc.get("version") != 1:

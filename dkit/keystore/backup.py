@@ -12,6 +12,7 @@ import hmac
 import json
 from pathlib import Path
 
+from .. import jsonload
 from ..derive import key_id
 from ..errors import BackupError, PassphraseError
 from ..home import atomic_write
@@ -58,7 +59,7 @@ def read(path: Path, passphrase: str) -> tuple[KeyRecord, dict[int, Seed]]:
     except OSError as e:
         raise BackupError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        doc = json.loads(raw)
+        doc = jsonload.loads(raw)
         if not isinstance(doc, dict):
             raise ValueError
     except ValueError:
@@ -78,7 +79,7 @@ def read(path: Path, passphrase: str) -> tuple[KeyRecord, dict[int, Seed]]:
     if not hmac.compare_digest(str(header.get("check", "")), _check_value(key)):
         raise PassphraseError(f"wrong passphrase for the backup {path}")
     try:
-        body = json.loads(sealed.decrypt(key, payload, canonical_json(header)))
+        body = jsonload.loads(sealed.decrypt(key, payload, canonical_json(header)))
     except (sealed.InvalidTag, KeyError, TypeError, ValueError):
         raise BackupError(f"{path}: the backup was altered or damaged (authentication failed)") from None
     try:

@@ -32,7 +32,7 @@ from ..errors import (
 from ..home import default_home, ensure_home
 from ..params import KeyParams
 from ..secret import Seed
-from . import audit, backup
+from . import audit, backup, journal
 from .backends import open_backend
 from .records import (
     STORE_NAME,
@@ -44,7 +44,6 @@ from .records import (
     load_state,
     parse_ref,
     parse_time,
-    save_state,
     utcnow,
 )
 
@@ -117,6 +116,7 @@ class Keystore:
         backend_kind: str | None = None,
         passphrase: Callable[..., str | None] | None = None,
         clock: Callable[[], datetime] = utcnow,
+        on_recover: Callable[[str], None] | None = None,
     ):
         self.home = Path(home) if home is not None else default_home()
         self._backend = backend
@@ -126,6 +126,8 @@ class Keystore:
         self._pinned = backend is not None or backend_kind is not None
         self._passphrase = passphrase
         self._clock = clock
+        self.recovered: str | None = None  # what the last recovery of an interrupted change did
+        self._on_recover = on_recover
 
     def __repr__(self) -> str:
         return f"Keystore({str(self.home)!r})"
@@ -149,8 +151,9 @@ class Keystore:
         return fmt_time(self._clock())
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[StoreState]:
-        """Hold the home's lock, yield the state, and save it if the block finishes."""
+    def _locked(self) -> Iterator[journal.Change]:
+        """Hold the home's lock, end any change a crash interrupted, and yield a change to fill in;
+        if the block finishes, the change is committed crash-consistently (see ``journal``)."""
         ensure_home(self.home)
         lock = FileLock(str(self.home / LOCK_NAME), timeout=LOCK_TIMEOUT_S, mode=0o600)
         try:
@@ -160,22 +163,41 @@ class Keystore:
                 f"{self.home}: another dkit process holds the key store lock for over {LOCK_TIMEOUT_S}s"
             ) from None
         try:
-            state = load_state(self._store_path)
-            yield state
-            save_state(self._store_path, state)
+            self._recover()
+            change = journal.Change(load_state(self._store_path))
+            yield change
+            if not change.empty:
+                journal.commit(self.home, change, self.backend if change.sets or change.deletes else None)
         finally:
             lock.release()
+
+    def _recover(self) -> None:
+        def backend_for(kind: str):
+            self._use_store(kind)
+            return self.backend
+
+        try:
+            done = journal.recover(self.home, backend_for, self._now())
+        except DkitError as e:
+            raise type(e)(
+                f"{self.home}: a key store change was interrupted, and finishing it failed: {e.message}",
+                hint=e.hint,
+            ) from None
+        if done:
+            self.recovered = done
+            if self._on_recover:
+                self._on_recover(done)
 
     def _state(self) -> StoreState:
         return load_state(self._store_path)
 
-    def _log(self, state: StoreState, event: str, name: str, v: VersionRecord | None, **data) -> None:
+    def _log(self, change: journal.Change, event: str, name: str, v: VersionRecord | None, **data) -> None:
         fields = {"time": self._now(), "event": event, "key": name}
         if v is not None:
             fields.update(version=v.version, key_id=v.key_id)
         if data:
             fields["data"] = data
-        state.audit_head = audit.append(self._log_path, state.audit_head, fields)
+        change.log(fields)
 
     def _label(self, state: StoreState, name: str, version: int) -> str:
         return f"{state.store_id}/{name}@{version}"
@@ -196,15 +218,16 @@ class Keystore:
                 hint=f"set DKIT_KEYSTORE={v.secret_store}",
             )
 
-    def _new_version(self, state: StoreState, name: str, number: int, params: KeyParams) -> VersionRecord:
+    def _new_version(self, change: journal.Change, name: str, number: int, params: KeyParams) -> VersionRecord:
         seed = Seed.generate()
-        self.backend.set(self._label(state, name, number), seed)
+        kid = key_id(seed, params)
+        change.set_secret(self._label(change.state, name, number), seed, kid, params)
         now = self._now()
         return VersionRecord(
             version=number,
             status="enabled",
             created=now,
-            key_id=key_id(seed, params),
+            key_id=kid,
             params=params,
             secret_store=self.backend.name,
             changed=now,
@@ -226,35 +249,37 @@ class Keystore:
     def keygen(self, name: str, params: KeyParams) -> KeyRecord:
         check_name(name)
         params.validate()
-        with self._locked() as state:
+        with self._locked() as change:
+            state = change.state
             if name in state.keys:
                 raise KeyExists(f"a key named {name!r} exists already", hint="use dkit keys rotate to add a version")
-            v = self._new_version(state, name, 1, params)
+            v = self._new_version(change, name, 1, params)
             rec = KeyRecord(name=name, created=v.created, primary=1, versions=(v,))
             state.keys[name] = rec
-            self._log(state, "keygen", name, v, params=params.to_dict())
+            self._log(change, "keygen", name, v, params=params.to_dict())
         return rec
 
     def rotate(self, name: str) -> VersionRecord:
-        with self._locked() as state:
+        with self._locked() as change:
+            state = change.state
             rec = state.get(check_name(name))
             self._use_store(rec.version(None).secret_store)  # a key's versions stay in one store
-            v = self._new_version(state, name, rec.latest + 1, rec.version(None).params)
+            v = self._new_version(change, name, rec.latest + 1, rec.version(None).params)
             state.keys[name] = KeyRecord(rec.name, rec.created, v.version, rec.versions + (v,))
-            self._log(state, "rotate", name, v)
+            self._log(change, "rotate", name, v)
         return v
 
     def _set_status(self, ref: str, event: str, change) -> VersionRecord:
         name, number = parse_ref(ref)
         if number is None:
             raise ParameterError(f"{event} needs an explicit version: {name}@VERSION")
-        with self._locked() as state:
-            rec = state.get(name)
+        with self._locked() as ch:
+            rec = ch.state.get(name)
             old = rec.version(number)
-            new_rec, new_v = change(state, rec, old)
+            new_rec, new_v = change(ch, rec, old)
             if new_rec is not rec:
-                state.keys[name] = new_rec
-                self._log(state, event, name, new_v)
+                ch.state.keys[name] = new_rec
+                self._log(ch, event, name, new_v)
         return new_v
 
     def promote(self, ref: str) -> VersionRecord:
@@ -298,7 +323,7 @@ class Keystore:
         return self._set_status(ref, "enable", change)
 
     def destroy(self, ref: str) -> VersionRecord:
-        def change(state, rec, v):
+        def change(ch, rec, v):
             if rec.primary == v.version:
                 raise KeyStateError(
                     f"{rec.name}@{v.version} is the primary version and cannot be destroyed",
@@ -307,7 +332,7 @@ class Keystore:
             if v.status == "destroyed":
                 return rec, v
             self._check_store(v, rec.name)
-            self.backend.delete(self._label(state, rec.name, v.version))
+            ch.delete_secret(self._label(ch.state, rec.name, v.version))
             nv = _with_status(v, "destroyed", self._now())
             return rec.with_version(nv), nv
 
@@ -333,14 +358,15 @@ class Keystore:
             raise StoreCorrupt(f"the secret of {name}@{v.version} does not match its recorded key ID")
         if use:
             with self._locked() as locked:  # the version may have changed since it was read
-                now = locked.get(name)
+                now = locked.state.get(name)
                 _check_usable(name, now.version(v.version))
                 self._log(locked, "use", name, v, action=use, primary=now.primary == v.version, **details)
         return LoadedKey(name=name, record=v, material=material)
 
     # -- backup -----------------------------------------------------------------------------
     def export(self, name: str, path: str | Path, passphrase: str) -> KeyRecord:
-        with self._locked() as state:
+        with self._locked() as change:
+            state = change.state
             rec = state.get(check_name(name))
             seeds: dict[int, Seed] = {}
             for v in rec.versions:
@@ -352,13 +378,14 @@ class Keystore:
                     raise SecretBackendError(f"the secret of {name}@{v.version} is missing; cannot export it")
                 seeds[v.version] = seed
             backup.write(Path(path), rec, seeds, passphrase)
-            self._log(state, "export", name, None, versions=sorted(seeds))
+            self._log(change, "export", name, None, versions=sorted(seeds))
         return rec
 
     def import_(self, path: str | Path, passphrase: str, *, name: str | None = None) -> KeyRecord:
         record, seeds = backup.read(Path(path), passphrase)
         target = check_name(name) if name else record.name
-        with self._locked() as state:
+        with self._locked() as change:
+            state = change.state
             local = state.keys.get(target)
             if local is not None:
                 for v in record.versions:
@@ -379,7 +406,7 @@ class Keystore:
                     continue
                 if status == "destroyed":
                     status = "disabled"  # a version destroyed here comes back disabled: enable it on purpose
-                self.backend.set(self._label(state, target, v.version), seeds[v.version])
+                change.set_secret(self._label(state, target, v.version), seeds[v.version], v.key_id, v.params)
                 restored.append(v.version)
                 nv = replace(
                     v,
@@ -389,13 +416,14 @@ class Keystore:
                 )
                 merged = merged.with_version(nv)
             state.keys[target] = merged
-            self._log(state, "import", target, None, versions=restored)
+            self._log(change, "import", target, None, versions=restored)
         return merged
 
     # -- audit ------------------------------------------------------------------------------
     def audit(self, max_age: timedelta | None = None) -> AuditReport:
         report = AuditReport()
-        with self._locked() as state:
+        with self._locked() as change:
+            state = change.state
             entries, problems = audit.read(self._log_path, state.audit_head)
         report.lines = len(entries)
         for p in problems:

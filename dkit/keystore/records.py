@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import jsonload
 from ..errors import KeyNotFound, ParameterError, StoreCorrupt
 from ..home import atomic_write
 from ..params import KeyParams
@@ -175,12 +176,17 @@ def load_state(path: Path) -> StoreState:
     if not path.exists():
         return StoreState.new()
     try:
-        doc = json.loads(path.read_bytes())
+        doc = jsonload.loads(path.read_bytes())
     except ValueError:
         raise StoreCorrupt(
             f"{path}: not valid JSON (the key record store is damaged)",
             hint="restore it from a backup, or re-import your key backups into a new DKIT_HOME",
         ) from None
+    return parse_doc(doc, path)
+
+
+def parse_doc(doc, path: Path) -> StoreState:
+    """The records of a parsed ``keys.json`` document (``path`` names it in errors)."""
     if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
         raise StoreCorrupt(f"{path}: not a dkit key record store")
     if doc.get("version") != STORE_VERSION:
