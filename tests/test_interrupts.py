@@ -106,3 +106,40 @@ def test_sigterm_during_disguise_exits_143_cleanly(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_training_run_exits_cleanly_and_resumes(tmp_path, sig, code):
+    """Ctrl-C (or SIGTERM) in the middle of dkit train: the conventional exit code, one line and no
+    traceback, and a checkpoint that --resume continues to the same number of epochs."""
+    from dkit.data import Options, disguise_source, open_source
+
+    from helpers import test_key
+
+    data = tmp_path / "d.h5"
+    key = test_key("train-interrupt", shape="8x8x3", block="4", pipeline="perm,rmt", noise=10)
+    src = make_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=60, shape=(8, 8, 3))
+    disguise_source(open_source(src), data, key, Options(workers=0))
+    model = tmp_path / "model"
+    argv = [sys.executable, "-m", "dkit", "train", data, "-o", model, "--arch", "cnn", "--epochs", "30"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (model / "checkpoint").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert p.poll() is None, "training ended before it could be interrupted"
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == code, err
+    assert "interrupted" in err and "Traceback" not in err and "Error" not in err
+    assert (model / "checkpoint").is_dir() and not (model / "model.json").exists()
+    r = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 31))
