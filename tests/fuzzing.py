@@ -7,7 +7,7 @@ torch and h5py already. The parent never runs a torch operation, so no thread po
 
 Outcomes:
 - ``ok``: exit 0;
-- ``clean``: exit 1 or 2 with a dkit ``error:`` line and no traceback;
+- ``clean``: exit 1 or 2 with a dkit ``error:`` line (or ``keys audit``'s findings) and no traceback;
 - ``traceback``: an exception escaped dkit's error mapping (the child prints it);
 - ``signal``: the child died of a signal (a segfault, an abort);
 - ``timeout``: still running at the time limit (killed);
@@ -126,7 +126,7 @@ def run_cli(argv: list[str], *, timeout: float = 30.0, memory: int = 2 << 30, en
         return Outcome("traceback", code, text, seconds)
     if code == 0:
         return Outcome("ok", code, text, seconds)
-    if code in (1, 2) and ("error:" in text or "Usage:" in text):
+    if code in (1, 2) and ("error:" in text or "Usage:" in text or "finding (" in text):  # findings: keys audit
         return Outcome("clean", code, text, seconds)
     return Outcome("traceback", code, text, seconds)  # an exit code dkit never gives
 

@@ -35,7 +35,7 @@ from ..home import append_line, atomic_write
 from ..params import KeyParams
 from ..secret import Seed
 from . import audit
-from .records import STORE_NAME, StoreState, load_state, parse_doc, save_state
+from .records import SECRET_STORES, STORE_NAME, StoreState, load_state, parse_doc, save_state
 
 JOURNAL_NAME = "journal.json"
 FORMAT = "dkit-key-journal"
@@ -132,8 +132,12 @@ def read(path: Path) -> dict:
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise ValueError("not a dkit key journal")
         for k, t in (("set", list), ("delete", list), ("lines", list), ("state", dict), ("log_size", int)):
-            if not isinstance(doc.get(k), t):
+            if not isinstance(doc.get(k), t) or isinstance(doc.get(k), bool):
                 raise ValueError(f"{k} is malformed")
+        if doc["log_size"] < 0 or not isinstance(doc.get("event"), str) or not isinstance(doc.get("key"), str):
+            raise ValueError("its header is malformed")
+        if doc.get("store") not in (None, *SECRET_STORES) or ((doc["set"] or doc["delete"]) and not doc["store"]):
+            raise ValueError("its secret store is missing or unknown")
         for s in doc["set"]:
             KeyParams.from_dict(s["params"])
             if not isinstance(s["label"], str) or not isinstance(s["key_id"], str):

@@ -22,6 +22,7 @@ STORE_NAME = "keys.json"
 STORE_FORMAT = "dkit-keystore"
 STORE_VERSION = 1
 STATUSES = ("enabled", "disabled", "destroyed")
+SECRET_STORES = ("keyring", "file", "memory")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -92,9 +93,16 @@ class VersionRecord:
             secret_store=str(d["secret_store"]),
             changed=str(d.get("changed", d["created"])),
         )
+        if not _count(d["version"]):
+            raise ValueError(f"version number {d['version']!r} is not a whole number of 1 or more")
         if v.status not in STATUSES:
             raise ValueError(f"unknown status {v.status!r}")
+        if v.secret_store not in SECRET_STORES:
+            raise ValueError(f"version {v.version}: unknown secret store {v.secret_store[:40]!r}")
+        if not re.fullmatch(r"[0-9a-f]{32}", v.key_id):
+            raise ValueError(f"version {v.version}: malformed key ID")
         parse_time(v.created)
+        parse_time(v.changed)
         return v
 
 
@@ -139,8 +147,19 @@ class KeyRecord:
             primary=int(d["primary"]),
             versions=tuple(sorted((VersionRecord.from_dict(v) for v in d["versions"]), key=lambda v: v.version)),
         )
-        rec.version(rec.primary)  # the primary must exist
+        numbers = [v.version for v in rec.versions]
+        if not numbers or len(set(numbers)) != len(numbers) or not _count(d["primary"]):
+            raise ValueError(f"key {rec.name!r}: its version numbers are missing, repeated, or malformed")
+        if rec.version(rec.primary).status != "enabled":  # the primary must exist and be usable
+            raise ValueError(
+                f"key {rec.name!r}: its primary version {rec.primary} is {rec.version(rec.primary).status}"
+            )
+        parse_time(rec.created)
         return rec
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
