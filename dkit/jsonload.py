@@ -6,9 +6,14 @@ import json
 
 
 def loads(data: bytes | str):
-    """``json.loads``, except that nesting too deep for the decoder is a ``ValueError``, like any
-    other damage, instead of a ``RecursionError``."""
+    """``json.loads`` for strict JSON: ``NaN`` and ``Infinity`` (which Python accepts and no dkit file
+    holds) are refused, and nesting too deep for the decoder is a ``ValueError`` like any other
+    damage, not a ``RecursionError``."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_refuse)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _refuse(name: str):
+    raise ValueError(f"{name} is not JSON")

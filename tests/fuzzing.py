@@ -17,9 +17,11 @@ Outcomes:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import resource
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -73,6 +75,9 @@ def run_cli(argv: list[str], *, timeout: float = 30.0, memory: int = 2 << 30, en
         try:
             os.dup2(out.fileno(), 1)
             os.dup2(out.fileno(), 2)
+            # pytest's capture replaces sys.stdout and sys.stderr: write to the descriptors, always
+            sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
+            sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -94,8 +99,6 @@ def run_cli(argv: list[str], *, timeout: float = 30.0, memory: int = 2 << 30, en
                 code = EXIT_TRACEBACK
         finally:
             with contextlib.suppress(Exception):
-                import sys
-
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
