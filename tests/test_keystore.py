@@ -468,3 +468,53 @@ def test_a_file_store_key_is_found_without_dkit_keystore(isolated_home, monkeypa
     v = plain.rotate("k")
     assert v.secret_store == "file" and plain.load("k@2").key_id == v.key_id
     assert plain.audit().ok
+
+
+def _edit_records(home, edit):
+    doc = json.loads((home / "keys.json").read_text())
+    edit(doc)
+    (home / "keys.json").write_text(json.dumps(doc))
+
+
+def test_audit_blind_spots_are_flagged(keystore, isolated_home):
+    keystore.keygen("k", P)
+    keystore.rotate("k")
+    keystore.load("k", use="disguise")
+    assert keystore.audit().ok
+    saved = (isolated_home / "keys.json").read_bytes()
+    kinds = lambda: {f["kind"] for f in keystore.audit().findings}  # noqa: E731
+
+    (isolated_home / "keys.json").unlink()  # deleted records: a fresh store must not read as clean
+    assert "chain" in kinds()
+
+    (isolated_home / "keys.json").write_bytes(saved)
+    _edit_records(isolated_home, lambda d: d.update(audit_head=None))  # a null head no longer hides a cut
+    assert "chain" in kinds()
+
+    (isolated_home / "keys.json").write_bytes(saved)
+    _edit_records(isolated_home, lambda d: d["keys"]["k"]["versions"][0].update(key_id="0" * 32))
+    assert kinds() == {"record-edited"}  # its secret gives another ID, and the log recorded another
+
+    (isolated_home / "keys.json").write_bytes(saved)
+    _edit_records(isolated_home, lambda d: d["keys"]["k"]["versions"][0]["params"].update(block=[8, 8]))
+    assert kinds() == {"record-edited"}
+
+    for edit in (
+        lambda d: d["keys"]["k"]["versions"][0].update(version=0),
+        lambda d: d["keys"]["k"]["versions"][0].update(version=2),  # two versions 2
+        lambda d: d["keys"]["k"]["versions"][1].update(status="disabled"),  # the primary
+        lambda d: d["keys"]["k"]["versions"][1].update(status="destroyed"),
+    ):
+        (isolated_home / "keys.json").write_bytes(saved)
+        _edit_records(isolated_home, edit)
+        with pytest.raises(StoreCorrupt):
+            keystore.audit()
+
+    (isolated_home / "keys.json").write_bytes(saved)
+    log = isolated_home / "audit.jsonl"
+    lines = log.read_text().splitlines()
+    use = json.loads(lines[-1])
+    for data in ([], "x", None, {"action": ["disguise"]}):  # an edited use line: named, never a crash
+        log.write_text("\n".join([*lines[:-1], json.dumps({**use, "data": data})]) + "\n")
+        report = keystore.audit()
+        assert [f["line"] for f in report.findings if f["kind"] == "chain"] == [len(lines)]

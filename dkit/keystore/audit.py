@@ -83,6 +83,14 @@ def read(path: Path, head: dict | None) -> tuple[list[dict], list[ChainProblem]]
         entries.append(entry)
         by_line[i] = entry
     count = len(raw_lines)
+    if not head and count:
+        problems.append(
+            ChainProblem(
+                1,
+                f"the key store records no log head, but the log has {count} lines "
+                "(keys.json was deleted, replaced or edited)",
+            )
+        )
     if head:
         hn = head.get("n", 0)
         if count < hn:

@@ -431,10 +431,16 @@ class Keystore:
                 {"kind": "chain", "line": p.line, "message": f"{audit.LOG_NAME} line {p.line}: {p.problem}"}
             )
         now = self._clock()
-        uses: dict[tuple[str, int], list[tuple[int, dict]]] = {}
+        uses: dict[tuple[str, int], list[tuple[int, dict]]] = {}  # (key, version) -> [(line, data)]
+        made: dict[tuple[str, int], tuple[int, str]] = {}  # (key, version) -> (line, key ID) of keygen/rotate
         for line, e in enumerate(entries, start=1):
-            if e.get("event") == "use" and isinstance(e.get("version"), int):
-                uses.setdefault((e.get("key"), e["version"]), []).append((e.get("n", line), e))
+            key, number, data = e.get("key"), e.get("version"), e.get("data")
+            if not isinstance(key, str) or not isinstance(number, int):  # an edited line: the chain names it
+                continue
+            if e.get("event") == "use":
+                uses.setdefault((key, number), []).append((line, data if isinstance(data, dict) else {}))
+            elif e.get("event") in ("keygen", "rotate"):
+                made[(key, number)] = (line, str(e.get("key_id")))
         for name, rec in sorted(state.keys.items()):
             for v in rec.versions:
                 age = now - parse_time(v.created)
@@ -449,10 +455,22 @@ class Keystore:
                         "age_days": round(age.total_seconds() / 86400, 2),
                         "key_id": v.key_id,
                         "uses": len(vuses),
-                        "use_actions": sorted({u.get("data", {}).get("action", "?") for _, u in vuses}),
+                        "use_actions": sorted({str(u.get("action", "?")) for _, u in vuses}),
                     }
                 )
                 ref = f"{name}@{v.version}"
+                line_made = made.get((name, v.version))
+                if line_made and line_made[1] != v.key_id:
+                    report.findings.append(
+                        {
+                            "kind": "record-edited",
+                            "key": name,
+                            "version": v.version,
+                            "line": line_made[0],
+                            "message": f"{ref}: keys.json says key ID {v.key_id}, but {audit.LOG_NAME} line "
+                            f"{line_made[0]} recorded {line_made[1][:40]} when it was made",
+                        }
+                    )
                 if max_age is not None and v.status == "enabled" and age > max_age:
                     report.findings.append(
                         {
@@ -466,11 +484,19 @@ class Keystore:
                 if v.status != "destroyed":
                     try:
                         self._use_store(v.secret_store)
-                        missing = (
-                            v.secret_store == self.backend.name
-                            and self.backend.get(self._label(state, name, v.version)) is None
-                        )
                         other = v.secret_store != self.backend.name
+                        seed = None if other else self.backend.get(self._label(state, name, v.version))
+                        missing = not other and seed is None
+                        if seed is not None and key_id(seed, v.params) != v.key_id:
+                            report.findings.append(
+                                {
+                                    "kind": "record-edited",
+                                    "key": name,
+                                    "version": v.version,
+                                    "message": f"{ref}: its secret does not give its recorded key ID "
+                                    "(the key ID or the parameters in keys.json were edited)",
+                                }
+                            )
                     except DkitError as e:
                         missing, other = False, False
                         report.findings.append(
@@ -502,7 +528,7 @@ class Keystore:
                             }
                         )
                 for n, u in vuses:
-                    action = u.get("data", {}).get("action")
+                    action = u.get("action")
                     if action != "disguise":
                         continue
                     if v.status != "enabled":
@@ -516,7 +542,7 @@ class Keystore:
                                 f"{v.status}; models trained on it cannot predict",
                             }
                         )
-                    elif not u.get("data", {}).get("primary", True):
+                    elif not u.get("primary", True):
                         report.findings.append(
                             {
                                 "kind": "non-primary-artifact",
