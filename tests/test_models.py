@@ -228,7 +228,11 @@ def test_pickle_payloads_are_refused(tmp_path, mnist_small):
         (lambda d: d.update(key_id="not-hex"), "malformed key ID"),
         (lambda d: d.update(arch="evil"), "unknown architecture"),
         (lambda d: d.update(version=9), "upgrade dkit"),
-        (lambda d: d.update(num_classes=3), "do not fit"),
+        (lambda d: d.update(num_classes=3, class_names=["0", "1", "2"]), "do not fit"),
+        (lambda d: d.update(num_classes=3), "field 'class_names' holds 10 names for num_classes 3"),
+        (lambda d: d.update(block=[0, 0]), "field 'block' is \\[0, 0\\], which does not tile"),
+        (lambda d: d["normalization"].pop("mean"), "field 'normalization.mean' is None"),
+        (lambda d: d.update(arch="blockvit", arch_params={"depth": 10**6}), "field 'arch_params.depth' is 1000000"),
     ],
 )
 def test_damaged_model_descriptions_are_refused(tmp_path, mnist_small, edit, words):
@@ -450,7 +454,6 @@ def test_load_assigns_every_stored_tensor(tmp_path, arch, arch_params):
 def test_absurd_arch_params_fail_fast(tmp_path, monkeypatch):
     """arch_params come from an untrusted model.json: a huge size must not allocate the network it
     describes before the weights are found not to fit."""
-    import time
 
     import dkit.models.artifact as art
 
@@ -465,15 +468,14 @@ def test_absurd_arch_params_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(art, "build", spy)
     doc = json.loads((tmp_path / "m" / META).read_text())
     for hidden, words in [
-        (10**12, r"arch_params hidden=1000000000000, but the weights hold [\d,]+ values"),
+        (10**12, r"field 'arch_params\.hidden' is 1000000000000, out of range \(it must be from 1 to 65536\)"),
+        (60_000, r"the weights do not fit the described model \(arch_params hidden=60000, but the weights hold"),
         (50_000, r"1\.classifier\.1\.weight is \(16, 256\) float32 in the weights, \(50000, 256\) float32 in the desc"),
     ]:
         doc["arch_params"] = {"hidden": hidden}
         (tmp_path / "m" / META).write_text(json.dumps(doc))
-        t0 = time.perf_counter()
-        with pytest.raises(ArtifactError, match="the weights do not fit the described model") as e:
+        with pytest.raises(ArtifactError) as e:
             load_model(tmp_path / "m")
-        assert time.perf_counter() - t0 < 5
         assert re.search(words, str(e.value)), str(e.value)
     assert devices == ["meta"]  # the second one was built, without memory
 

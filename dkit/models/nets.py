@@ -12,6 +12,7 @@ value range; each carries its input normalisation as buffers, so weights alone d
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -19,6 +20,63 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHS = ("cnn", "resnet18", "blockvit")
+
+# The settings each architecture takes, with their type and bounds (formats/MODEL-v1.md). A model's
+# arch_params come from an untrusted model.json: they are checked against these (``check_params``)
+# before anything is built, so no description can make dkit build a network for minutes or hours.
+# The bounds are far above any model dkit trains on a single GPU.
+MAX_HIDDEN = 1 << 16
+MAX_DIM = 8192
+MAX_DEPTH = 256
+MAX_HEADS = 256
+MAX_MLP_RATIO = 64.0
+ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int or float, least, most)
+    "cnn": {"hidden": (int, 1, MAX_HIDDEN), "drop_conv": (float, 0.0, 1.0), "drop_hidden": (float, 0.0, 1.0)},
+    "resnet18": {},
+    "blockvit": {
+        "dim": (int, 1, MAX_DIM),
+        "depth": (int, 1, MAX_DEPTH),
+        "heads": (int, 1, MAX_HEADS),
+        "mlp_ratio": (float, 0.0, MAX_MLP_RATIO),
+        "dropout": (float, 0.0, 1.0),
+    },
+}
+
+
+def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | None:
+    """The first problem of ``params`` for ``arch`` on inputs of ``shape`` cut in ``block``, as
+    (setting, problem), or None. Types: an int setting takes a JSON integer, a float one any finite
+    number (never a bool); each lies within its bounds in ``ARCH_PARAMS``."""
+    if arch not in ARCH_PARAMS:
+        return "arch", f"is {arch!r}, not one of " + ", ".join(ARCHS)
+    spec = ARCH_PARAMS[arch]
+    for name, value in params.items():
+        if name not in spec:
+            known = ", ".join(spec) if spec else "none"
+            return str(name)[:40], f"is not a setting of {arch} (its settings: {known})"
+        kind, least, most = spec[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            return name, f"is {_show(value)}, not {'a number' if kind is float else 'an integer'}"
+        if not (least <= value <= most) or (kind is float and name == "mlp_ratio" and value <= 0):
+            low = "above 0" if name == "mlp_ratio" else f"from {least:g}"
+            return name, f"is {_show(value)}, out of range (it must be {low} to {most:g})"
+    if arch == "blockvit":
+        h, w, _ = shape
+        bh, bw = block
+        if h % bh or w % bw:
+            return "block", f"{bh}x{bw} does not tile {h}x{w}"
+        defaults = inspect.signature(BlockViT).parameters
+        p = {k: defaults[k].default for k in ("dim", "heads", "mlp_ratio")} | params
+        if p["dim"] % p["heads"]:
+            return "heads", f"is {p['heads']}, which does not divide dim {p['dim']}"
+        if int(p["dim"] * p["mlp_ratio"]) < 1:
+            return "mlp_ratio", f"is {p['mlp_ratio']}: dim x mlp_ratio must be at least 1"
+    return None
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Normalize(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from ..data.decode import DecodeError, Policy
 from ..data.run import _batches, decode_all
 from ..data.sources import Source
-from ..errors import InputError, KeyMismatch
+from ..errors import ArtifactError, InputError, KeyMismatch
 from . import artifact
 from .training import pick_device
 from .wrapper import DisguisedModel
@@ -39,6 +39,13 @@ def check_key(meta: artifact.ModelMeta, key, model_dir: Path) -> None:
             f"{key.ref} (key ID {key.key_id}) is not the key {model_dir} was trained with "
             f"(key ID {meta.key_id}, version {meta.key_version})",
             hint="predict with the key version whose data trained the model; dkit keys show NAME lists the IDs",
+        )
+    # The key's ID covers its parameters, so with the right key any other key_params in the model's
+    # description were edited: the description (in_shape, block) would not fit what the key produces.
+    if key.params.canonical() != meta.params.canonical():
+        raise ArtifactError(
+            f"{Path(model_dir) / artifact.META}: field 'key_params' is not the parameters of {key.ref} "
+            f"(key ID {key.key_id}), the key the model names"
         )
 
 
