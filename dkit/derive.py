@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .params import KeyParams
-from .secret import Seed
+from .secret import Sealed, Seed
 
 SPEC_VERSION = 1
 SALT = b"dkit/derive/v1"
@@ -139,10 +138,11 @@ def key_id(seed: Seed, params: KeyParams) -> str:
     return mac[:KEY_ID_BYTES].hex()
 
 
-@dataclass(frozen=True, repr=False)
-class KeyMaterial:
-    """All secret material of one key version, derived once. Never printed, never pickled."""
+class KeyMaterial(Sealed):
+    """All secret material of one key version, derived once. Never printed, never pickled, never
+    exposed by ``vars`` or ``dataclasses.asdict`` (``Sealed``)."""
 
+    __slots__ = ("params", "key_id", "perm", "matrices", "aes", "source_key")
     params: KeyParams
     key_id: str
     perm: np.ndarray | None
@@ -150,11 +150,11 @@ class KeyMaterial:
     aes: tuple[bytes, ...] | None
     source_key: bytes  # keys the hashes of source file names stored in datasets (section 6)
 
+    def __init__(self, *, params, key_id, perm, matrices, aes, source_key):
+        self._init(params=params, key_id=key_id, perm=perm, matrices=matrices, aes=aes, source_key=source_key)
+
     def __repr__(self) -> str:
         return f"KeyMaterial(key_id={self.key_id!r}, <redacted>)"
-
-    def __reduce__(self):
-        raise TypeError("key material cannot be pickled; load the key in each process instead")
 
 
 def derive(seed: Seed, params: KeyParams) -> KeyMaterial:

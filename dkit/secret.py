@@ -52,3 +52,28 @@ class Seed:
 
     def __deepcopy__(self, memo):
         return self
+
+
+class Sealed:
+    """Tink's handle rules for objects that hold secret material (key material, a loaded key, an
+    unlocked store): attributes live in slots (no ``vars``), the class is no dataclass (no
+    ``dataclasses.asdict``), pickling is refused, copies are the object itself, and attributes are
+    read-only once set. Subclasses declare ``__slots__`` and set them with ``_init``."""
+
+    __slots__ = ()
+
+    def _init(self, **fields) -> None:
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self).__name__} holds secret material and cannot be pickled; load it in each process")
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self

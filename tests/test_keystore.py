@@ -518,3 +518,34 @@ def test_audit_blind_spots_are_flagged(keystore, isolated_home):
         log.write_text("\n".join([*lines[:-1], json.dumps({**use, "data": data})]) + "\n")
         report = keystore.audit()
         assert [f["line"] for f in report.findings if f["kind"] == "chain"] == [len(lines)]
+
+
+def test_objects_holding_secrets_refuse_pickling_asdict_and_vars(isolated_home, monkeypatch):
+    """Tink's handle rules: an unlocked Keystore, its file store, a loaded key and its material never
+    hand their secrets to pickle, dataclasses.asdict, vars or copy."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from dkit.keystore import FileBackend
+
+    phrase = "handle rules passphrase 5c1"
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: phrase)
+    ks.keygen("k", P)
+    loaded = ks.load("k")  # the file store is unlocked now: it holds the scrypt key
+    secrets_ = [loaded.material.source_key, loaded.material.perm.tobytes(), loaded.material.matrices.tobytes()]
+    for obj in (ks, ks.backend, loaded, loaded.material):
+        with pytest.raises(TypeError, match="pickle"):
+            pickle.dumps(obj)
+    for obj in (loaded, loaded.material):
+        with pytest.raises(TypeError):
+            dataclasses.asdict(obj)
+        with pytest.raises(TypeError):
+            vars(obj)
+        assert copy.deepcopy(obj) is obj
+        with pytest.raises(AttributeError):
+            obj.name = "x"  # read-only
+    assert isinstance(ks.backend, FileBackend)
+    shown = repr(vars(ks.backend)) + repr(vars(ks)) + repr(loaded) + repr(loaded.material)
+    assert not any(s.hex() in shown or repr(s) in shown for s in (secrets_[0],))
+    assert "redacted" in repr(vars(ks.backend)["_key"])

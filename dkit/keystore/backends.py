@@ -144,10 +144,13 @@ class FileBackend:
     def __init__(self, path: Path, passphrase: Callable[..., str | None]):
         self.path = Path(path)
         self._passphrase = passphrase
-        self._key: bytes | None = None
+        self._key: Seed | None = None  # the scrypt key once unlocked, in a redacted holder
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.path)!r})"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a file store cannot be pickled (once unlocked it holds its key); open one in each process")
 
     def _read(self) -> dict | None:
         if not self.path.exists():
@@ -179,7 +182,7 @@ class FileBackend:
                 "check": sealed.encrypt(key, self._CHECK, b"check"),
                 "entries": {},
             }
-            self._key = key
+            self._key = Seed(key)
             return key, doc
         if self._key is None:
             phrase = sealed.check_passphrase(self._passphrase(new=False), new=False)
@@ -193,8 +196,8 @@ class FileBackend:
                 raise PassphraseError(f"wrong passphrase for the file store {self.path}") from None
             except ValueError as e:
                 raise StoreCorrupt(f"{self.path}: the file store is damaged ({e})") from None
-            self._key = key
-        return self._key, doc
+            self._key = Seed(key)
+        return self._key.expose(), doc
 
     def get(self, label):
         doc = self._read()

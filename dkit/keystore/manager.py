@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..home import default_home, ensure_home
 from ..params import KeyParams
-from ..secret import Seed
+from ..secret import Sealed, Seed
 from . import audit, backup, journal
 from .backends import open_backend
 from .records import (
@@ -60,13 +60,17 @@ def parse_age(text: str) -> timedelta:
     return {"d": timedelta(days=n), "w": timedelta(weeks=n), "h": timedelta(hours=n)}[unit]
 
 
-@dataclass(frozen=True, repr=False)
-class LoadedKey:
-    """A usable key version: its public record and its derived material."""
+class LoadedKey(Sealed):
+    """A usable key version: its public record and its derived material (``Sealed``: no pickling,
+    ``vars`` or ``dataclasses.asdict``)."""
 
+    __slots__ = ("name", "record", "material")
     name: str
     record: VersionRecord
     material: KeyMaterial
+
+    def __init__(self, *, name: str, record: VersionRecord, material: KeyMaterial):
+        self._init(name=name, record=record, material=material)
 
     @property
     def ref(self) -> str:
@@ -86,9 +90,6 @@ class LoadedKey:
 
     def __repr__(self) -> str:
         return f"LoadedKey({self.ref}, key_id={self.key_id})"
-
-    def __reduce__(self):
-        raise TypeError("a loaded key cannot be pickled; load it in each process instead")
 
 
 @dataclass
@@ -131,6 +132,9 @@ class Keystore:
 
     def __repr__(self) -> str:
         return f"Keystore({str(self.home)!r})"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a Keystore cannot be pickled (an unlocked file store holds its key); open one in each process")
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
