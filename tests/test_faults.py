@@ -1,4 +1,4 @@
-"""SIGKILL at random points of keygen, rotate, import and disguise, and eight rotations at once.
+"""SIGKILL at random points of keygen, rotate, import, destroy and disguise, and eight rotations at once.
 
 Each killed command runs as a real ``dkit`` process with the passphrase-encrypted file store (the
 one store whose every write can be counted). A small driver counts the process's file-system
@@ -151,6 +151,9 @@ CASES = {
     "keygen": (KEYGEN, lambda before, after: after.get("g") in (None, [1])),
     "rotate": (["keys", "rotate", "k"], lambda before, after: after["k"] in ([1, 2], [1, 2, 3])),
     "import": (["keys", "import", "{root}/b.backup"], lambda before, after: after.get("b") in (None, [1, 2])),
+    # destroy changes a status, not the versions: check_store holds it to "enabled with its secret, or
+    # destroyed without it"
+    "destroy": (["keys", "destroy", "k@1", "--yes"], lambda before, after: after["k"] == [1, 2]),
 }
 
 
