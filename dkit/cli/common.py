@@ -82,10 +82,22 @@ def fail(e: DkitError) -> None:
     raise typer.Exit(e.exit_code)
 
 
-def escape(text: str) -> str:
+def printable(text) -> str:
+    """``text`` with every control character (C0, DEL, C1) and bidirectional override shown as an
+    escape (``\\x1b``), so that a name from an untrusted file (a class name, a file name) cannot
+    drive the terminal: no OSC-52 clipboard write, no screen clear, no reordered text."""
+    text = str(text)
+    if all(ch.isprintable() or ch == " " for ch in text):
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def escape(text) -> str:
+    """Markup-escaped and printable (``printable``): every string from outside dkit goes through here
+    on its way to the terminal."""
     from rich.markup import escape as _escape
 
-    return _escape(str(text))
+    return _escape(printable(text))
 
 
 def print_json(obj: Any) -> None:
@@ -129,4 +141,15 @@ def ask_passphrase(*, new: bool, what: str, env_var: str = ENV_PASSPHRASE) -> st
         ) from None
 
 
-__all__ = ["EXIT_ACTION", "App", "ask_passphrase", "err", "escape", "fail", "open_keystore", "out", "print_json"]
+__all__ = [
+    "EXIT_ACTION",
+    "App",
+    "ask_passphrase",
+    "err",
+    "escape",
+    "fail",
+    "open_keystore",
+    "out",
+    "print_json",
+    "printable",
+]

@@ -15,7 +15,7 @@ from rich.table import Table
 from ..data import open_source
 from ..errors import InputError
 from . import common
-from .common import err, escape, out, print_json
+from .common import err, escape, out, print_json, printable
 
 LOG_EVERY_S = 30.0  # without a terminal: a progress line at most this often within an epoch
 ARCH_NAMES = ("cnn", "resnet18", "blockvit")  # dkit.models.nets.ARCHS, named here to keep torch out of start-up
@@ -170,9 +170,12 @@ def predict(
         k = len(rows[0]["top"]) if rows else 0
         w.writerow(["input", *[f"{h}{i + 1}" for i in range(k) for h in ("class", "probability")], "label"])
         for r in rows:
-            w.writerow(
-                [r["input"], *[v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")], r["label"] or ""]
-            )
+            cells = [
+                r["input"],
+                *[v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")],
+                r["label"] or "",
+            ]
+            w.writerow([printable(c) for c in cells])  # names from files: no terminal control characters
         print(buf.getvalue(), end="")
         return
     table = Table()
