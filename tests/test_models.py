@@ -607,3 +607,17 @@ def test_predict_refuses_0_1_floats_and_scales_them_on_request(mnist_small, tmp_
         if a["top"][0]["probability"] > 0.9
     ]
     assert sure and all(a == b for a, b in sure)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    _saved(tmp_path / "m", "cnn", {})
+    load_model(tmp_path / "m")  # the intact model loads
+    state = load_file(str(tmp_path / "m" / WEIGHTS))
+    name = next(k for k, t in state.items() if t.is_floating_point() and t.numel() > 1)
+    state[name].view(-1)[1] = bad
+    save_file(state, str(tmp_path / "m" / WEIGHTS), metadata={"format": "dkit-model", "version": "1"})
+    with pytest.raises(ArtifactError, match=rf"NaN or infinite values \({re.escape(name)}\)"):
+        load_model(tmp_path / "m")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dkit.cli.common import escape, printable
 
 from helpers import make_folder
@@ -39,3 +41,16 @@ def test_hostile_class_names_from_folders_reach_no_terminal(cli, tmp_path):
         assert raw_controls(r.output) == [], fmt
     doc = json.loads(cli("predict", tmp_path / "m", src, "--key", "k", "--format", "json").stdout)
     assert {row["label"] for row in doc["predictions"]} == set(HOSTILE)  # JSON escapes, and keeps the names
+
+
+def test_json_output_is_strict_json(capsys):
+    from dkit.cli.common import print_json
+
+    print_json({"loss": float("nan"), "acc": [0.5, float("inf")], "name": "\x1b[2J"})
+    text = capsys.readouterr().out
+    assert "NaN" not in text and "Infinity" not in text and "\x1b" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+        "loss": None,
+        "acc": [0.5, None],
+        "name": "\x1b[2J",
+    }

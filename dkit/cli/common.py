@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -101,9 +102,21 @@ def escape(text) -> str:
 
 
 def print_json(obj: Any) -> None:
-    """JSON to stdout, exactly one document, no markup."""
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """JSON to stdout, exactly one document, no markup. Strict JSON: a non-finite number (which
+    Python would print as NaN or Infinity, and no JSON reader takes) is written as null."""
+    sys.stdout.write(json.dumps(finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def open_keystore() -> Keystore:

@@ -303,6 +303,12 @@ def load(model_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.
     if misfit:
         raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({misfit})")
     try:
+        nonfinite = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if nonfinite:
+            raise ArtifactError(
+                f"{model_dir}: the weights hold NaN or infinite values ({nonfinite}); "
+                "such a model predicts garbage (its training diverged, or the file was altered)"
+            )
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({str(e)[:160]})") from None
