@@ -549,3 +549,39 @@ def test_objects_holding_secrets_refuse_pickling_asdict_and_vars(isolated_home, 
     shown = repr(vars(ks.backend)) + repr(vars(ks)) + repr(loaded) + repr(loaded.material)
     assert not any(s.hex() in shown or repr(s) in shown for s in (secrets_[0],))
     assert "redacted" in repr(vars(ks.backend)["_key"])
+
+
+def test_orphaned_secrets_are_reported_and_repaired(isolated_home, cli, memory_backend):
+    """A secret without a record (left by a crash of a dkit before the journal): audit names it,
+    keys repair lists it, and deletes it only when asked."""
+    from dkit.secret import Seed
+
+    assert cli("keygen", "k", "--shape", "8x8x3", "--block", "4").exit_code == 0
+    ks = Keystore(isolated_home, backend=memory_backend)
+    store_id = ks._state().store_id
+    memory_backend.set(f"{store_id}/k@7", Seed.generate())
+    memory_backend.set("another-store/k@1", Seed.generate())  # not this home's: left alone
+    report = ks.audit()
+    assert [f["kind"] for f in report.findings] == ["orphan-secret"] and "k@7" in report.findings[0]["message"]
+    r = cli("keys", "repair")
+    assert r.exit_code == 0 and "k@7" in r.stdout and "--delete-orphans" in r.stdout
+    assert memory_backend.get(f"{store_id}/k@7") is not None
+    r = cli("keys", "repair", "--delete-orphans", input="n\n")
+    assert r.exit_code == 1 and memory_backend.get(f"{store_id}/k@7") is not None
+    r = cli("keys", "repair", "--delete-orphans", "--yes", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["deleted"] == ["k@7"]
+    assert memory_backend.get(f"{store_id}/k@7") is None and memory_backend.get("another-store/k@1") is not None
+    assert ks.audit().ok and ks.load("k").key_id == ks.get("k").version(1).key_id
+    assert "nothing to repair" in cli("keys", "repair").stdout
+
+
+def test_the_file_store_lists_its_labels_without_a_passphrase(isolated_home):
+    from dkit.keystore import FileBackend
+
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: "labels passphrase 8d2")
+    ks.keygen("k", P)
+    ks.rotate("k")
+    store_id = ks._state().store_id
+    labels = FileBackend(isolated_home / "secrets.json", lambda **_: None).labels()
+    assert labels == [f"{store_id}/k@1", f"{store_id}/k@2"]
+    assert Keystore(isolated_home).orphans() == []  # found through the file store, whatever DKIT_KEYSTORE says

@@ -249,3 +249,37 @@ def audit(
             out.print(f"[bold red]finding[/] ({f['kind']}): {escape(f['message'])}")
     if not report.ok:
         raise typer.Exit(EXIT_ACTION)
+
+
+@keys_app.command("repair")
+def repair(
+    delete_orphans: bool = typer.Option(
+        False, "--delete-orphans", help="Delete secrets that no key record names (keys audit lists them)."
+    ),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    json_out: bool = JSON,
+):
+    """Finish or undo an interrupted key change, and list (or delete) orphaned secrets."""
+    ks = common.open_keystore()
+    found = ks.orphans()
+    if delete_orphans and found and not yes:
+        if not typer.confirm(
+            f"Delete {len(found)} secret(s) that no key record names ({', '.join(found)})? If you still "
+            "have the records elsewhere (a copy of keys.json), restore them instead",
+            default=False,
+        ):
+            raise typer.Exit(EXIT_ACTION)
+    doc = ks.repair(delete_orphans=delete_orphans)
+    if json_out:
+        print_json(doc)
+        return
+    if doc["recovered"]:
+        out.print(escape(doc["recovered"]))
+    if doc["deleted"]:
+        out.print(f"deleted {len(doc['deleted'])} orphaned secret(s): {escape(', '.join(doc['deleted']))}")
+    elif doc["orphans"]:
+        out.print(
+            f"orphaned secrets (no key record): {escape(', '.join(doc['orphans']))}; --delete-orphans removes them"
+        )
+    if not (doc["recovered"] or doc["orphans"]):
+        out.print("[green]nothing to repair[/]")

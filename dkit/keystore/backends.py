@@ -63,6 +63,9 @@ class MemoryBackend:
     def delete(self, label):
         self._items.pop(label, None)
 
+    def labels(self) -> list[str]:
+        return sorted(self._items)
+
 
 class KeyringBackend:
     """The OS keyring through the ``keyring`` package (Secret Service, Keychain, Credential Manager)."""
@@ -213,6 +216,11 @@ class FileBackend:
         key, doc = self._unlock(self._read())
         doc["entries"][label] = sealed.encrypt(key, seed.expose(), label.encode("utf-8"))
         atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def labels(self) -> list[str]:
+        """The labels of every stored secret (no passphrase needed: labels are not secret)."""
+        doc = self._read()
+        return sorted(doc["entries"]) if doc else []
 
     def delete(self, label):
         doc = self._read()

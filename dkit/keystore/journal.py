@@ -162,12 +162,12 @@ def _back(home: Path, doc: dict, backend) -> StoreState:
     """Undo the secrets of a change that did not finish; returns the records as they were."""
     old = load_state(home / STORE_NAME)
     for s in doc["set"]:
-        if not _named(old, s["label"]):
+        if not named(old, s["label"]):
             backend.delete(s["label"])
     return old
 
 
-def _named(state: StoreState, label: str) -> bool:
+def named(state: StoreState, label: str) -> bool:
     """Does a record that still has its secret name this label (``store_id/name@version``)?"""
     store_id, _, ref = label.partition("/")
     name, _, number = ref.rpartition("@")

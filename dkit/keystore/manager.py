@@ -33,7 +33,7 @@ from ..home import default_home, ensure_home
 from ..params import KeyParams
 from ..secret import Sealed, Seed
 from . import audit, backup, journal
-from .backends import open_backend
+from .backends import FILE_STORE_NAME, FileBackend, open_backend
 from .records import (
     STORE_NAME,
     KeyRecord,
@@ -424,11 +424,52 @@ class Keystore:
         return merged
 
     # -- audit ------------------------------------------------------------------------------
+    def orphans(self, state: StoreState | None = None) -> list[str]:
+        """Secrets of this store with no record of an enabled or disabled version (left by a crash
+        of a dkit before the journal, or by lost records), as ``name@version``. Only stores that can
+        list their entries (the file store) are searched: the OS keyring cannot be listed portably."""
+        state = state or self._state()
+        if self._pinned:
+            lister = getattr(self.backend, "labels", None)
+        else:  # the file store, if this home has one, whichever store DKIT_KEYSTORE names
+            path = self.home / FILE_STORE_NAME
+            lister = FileBackend(path, lambda **_: None).labels if path.exists() else None
+        if lister is None:
+            return []
+        prefix = f"{state.store_id}/"
+        return [
+            label[len(prefix) :] for label in lister() if label.startswith(prefix) and not journal.named(state, label)
+        ]
+
+    def repair(self, *, delete_orphans: bool = False) -> dict:
+        """End an interrupted change (as every locked use does), and delete orphaned secrets if asked."""
+        with self._locked() as change:
+            found = self.orphans(change.state)
+            if delete_orphans and found:
+                self._use_store("file")
+                for ref in found:
+                    change.delete_secret(f"{change.state.store_id}/{ref}")
+                self._log(change, "repair", "", None, deleted_orphans=found)
+        return {"recovered": self.recovered, "orphans": found, "deleted": found if delete_orphans else []}
+
     def audit(self, max_age: timedelta | None = None) -> AuditReport:
         report = AuditReport()
         with self._locked() as change:
             state = change.state
             entries, problems = audit.read(self._log_path, state.audit_head)
+            try:
+                orphans = self.orphans(state)
+            except DkitError as e:
+                orphans = []
+                report.findings.append({"kind": "secret-store", "message": f"cannot list the secrets ({e.message})"})
+        for ref in orphans:
+            report.findings.append(
+                {
+                    "kind": "orphan-secret",
+                    "message": f"{ref}: a secret with no key record in the file store; "
+                    "dkit keys repair --delete-orphans removes it",
+                }
+            )
         report.lines = len(entries)
         for p in problems:
             report.findings.append(
