@@ -133,9 +133,9 @@ def test_inspect_refuses_foreign_and_newer_files(cli, tmp_path):
     out = tmp_path / "o.h5"
     cli("disguise", make_folder(tmp_path / "src", per_class=2), out, "--key", "k")
     with h5py.File(out, "r+") as f:
-        f.attrs["dkit_format_version"] = 2
+        f.attrs["dkit_format_version"] = 3
     r = cli("inspect", out)
-    assert r.exit_code == EXIT_ACTION and "format version 2" in r.stderr and "upgrade dkit" in r.stderr
+    assert r.exit_code == EXIT_ACTION and "format version 3" in r.stderr and "upgrade dkit" in r.stderr
     r = cli("verify", tmp_path / "missing.h5")
     assert r.exit_code == EXIT_ACTION and "no such file" in r.stderr
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import FormatError
 from . import h5format
 
 
@@ -57,23 +58,63 @@ class DisguisedDataset(torch.utils.data.Dataset):
         return self._file
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """All rows of this dataset's indices, as float32 (N, H, W, C) and targets."""
+        """All rows of this dataset's indices, as float32 (N, H, W, C) and targets. A damaged chunk is
+        a ``FormatError`` naming the file and the rows (run ``dkit verify``)."""
+        idx = self._checked(self.indices)
         with h5format.open_h5(self.path) as f:
-            imgs = f[h5format.IMAGES]
-            idx = self.indices
+            imgs = self._ds(f, h5format.IMAGES)
             if len(idx) and np.all(np.diff(idx) == 1):
-                x = imgs[idx[0] : idx[-1] + 1]
+                x = np.empty((len(idx),) + self.meta.params.shape, dtype=np.float32)
+                h5format.read_rows(imgs, h5format.IMAGES, self.path, int(idx[0]), int(idx[-1]) + 1, out=x)
             else:
-                x = imgs[np.sort(idx)][np.argsort(np.argsort(idx))] if len(idx) else imgs[:0]
+                x = self._read(imgs, h5format.IMAGES, idx, np.float32)
             y = self._read_targets(f, idx)
-        return np.ascontiguousarray(x, dtype=np.float32), y
+        return x, y
 
-    def _read_targets(self, f, idx):
-        if self.meta.label_kind == "hard":
-            return f[h5format.LABELS][:][idx]
-        if self.meta.label_kind == "soft":
-            return f[h5format.SOFT_LABELS][:][idx].astype(np.float32)
-        return None
+    def _ds(self, f, name: str):
+        try:
+            return f[name]
+        except h5format.H5_ERRORS as e:
+            raise h5format.damaged(self.path, f"the {name} dataset cannot be opened", e) from None
+
+    def _checked(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.meta.rows):
+            raise IndexError(f"rows outside 0..{self.meta.rows - 1} of {self.path}")
+        return rows
+
+    def _read(self, ds, name: str, rows: np.ndarray, dtype) -> np.ndarray:
+        """Rows in any order (each at most once), read in increasing order, as HDF5 requires."""
+        out = np.empty((len(rows),) + ds.shape[1:], dtype=dtype)
+        if len(rows):
+            order = np.argsort(rows)
+            try:
+                out[order] = ds[rows[order]]
+            except h5format.H5_ERRORS as e:
+                lo, hi = int(rows.min()), int(rows.max())
+                raise FormatError(
+                    f"{self.path}: dataset {name}, rows {lo}..{hi}: checksum mismatch or unreadable data "
+                    f"({h5format.first_line(e)})",
+                    hint=f"the file is damaged: run dkit verify {self.path}, then disguise or copy it again",
+                ) from None
+        return out
+
+    def _read_targets(self, f, idx, *, batch: bool = False):
+        """The targets of rows ``idx``: a batch's rows read by selection, else every row read (in
+        chunks; ``inspect`` checked that the file stores them) and picked."""
+        name = {"hard": h5format.LABELS, "soft": h5format.SOFT_LABELS}.get(self.meta.label_kind)
+        if name is None:
+            return None
+        ds = self._ds(f, name)
+        dtype = np.int64 if name == h5format.LABELS else np.float32
+        if batch:
+            y = self._read(ds, name, idx, dtype)
+        else:
+            y = h5format.read_rows(ds, name, self.path, 0, self.meta.rows)[idx].astype(dtype, copy=False)
+        if name == h5format.LABELS:
+            k = self.meta.num_classes or h5format.MAX_CLASSES
+            if len(y) and (y.min() < 0 or y.max() >= k):
+                raise FormatError(f"{self.path}: damaged labels (values outside 0..{k - 1})")
+        return y
 
     def get_batch(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
         """Several items at once (positions into this dataset), images (B, C, H, W) float32."""
@@ -82,18 +123,10 @@ class DisguisedDataset(torch.utils.data.Dataset):
             x = self._images[positions]
             y = self._targets[positions] if self._targets is not None else None
         else:
-            rows = self.indices[positions]
-            order = np.argsort(rows)
+            rows = self._checked(self.indices[positions])
             f = self._h5()
-            x = np.empty((len(rows),) + self.meta.params.shape, dtype=np.float32)
-            x[order] = f[h5format.IMAGES][rows[order]]
-            y = None
-            if self.meta.label_kind == "hard":
-                y = np.empty(len(rows), dtype=np.int64)
-                y[order] = f[h5format.LABELS][rows[order]]
-            elif self.meta.label_kind == "soft":
-                y = np.empty((len(rows), self.meta.num_classes), dtype=np.float32)
-                y[order] = f[h5format.SOFT_LABELS][rows[order]]
+            x = self._read(self._ds(f, h5format.IMAGES), h5format.IMAGES, rows, np.float32)
+            y = self._read_targets(f, rows, batch=True)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).permute(0, 3, 1, 2)
         yt = torch.from_numpy(y) if y is not None else torch.full((len(positions),), -1, dtype=torch.long)
         return xt, yt

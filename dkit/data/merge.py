@@ -99,14 +99,18 @@ def _write_copy(out: Path, meta: h5format.Meta, ordered) -> None:
     try:
         rows = done = skipped = 0
         for path, m in ordered:
-            with h5py.File(path, "r") as f:
+            with h5format.open_h5(path) as f:
                 step = 4096
+
+                def read(name, r0, r1, f=f, path=path):  # a damaged chunk: a FormatError naming the rows
+                    return h5format.read_rows(f[name], name, path, r0, r1)
+
                 for r0 in range(0, m.rows, step):
                     r1 = min(m.rows, r0 + step)
                     labels = None
                     if m.label_kind != "none":
-                        labels = f[h5format.LABELS if m.label_kind == "hard" else h5format.SOFT_LABELS][r0:r1]
-                    w.append(f[h5format.IMAGES][r0:r1], labels, f[h5format.SOURCE_IDS][r0:r1])
+                        labels = read(h5format.LABELS if m.label_kind == "hard" else h5format.SOFT_LABELS, r0, r1)
+                    w.append(read(h5format.IMAGES, r0, r1), labels, read(h5format.SOURCE_IDS, r0, r1))
                     rows += r1 - r0
                     w.commit(rows, done, skipped)
             done, skipped = m.shard[3], skipped + m.source_skipped  # this shard's listing range is in
@@ -118,7 +122,7 @@ def _write_copy(out: Path, meta: h5format.Meta, ordered) -> None:
 
 
 def _write_virtual(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
-    with h5py.File(tmp, "w") as f:
+    with h5format.create_file(tmp) as f:
         for k, v in meta.attrs().items():
             f.attrs[k] = v
         with h5py.File(ordered[0][0], "r") as f0:
@@ -134,4 +138,4 @@ def _write_virtual(tmp: Path, out: Path, meta: h5format.Meta, ordered) -> None:
                 r += m.rows
             ds = f.create_virtual_dataset(name, layout, fillvalue=np.zeros((), dtypes[name]))
             if name == h5format.IMAGES:
-                ds.attrs.update(h5format.IMAGES_ATTRS)
+                ds.attrs.update(h5format.IMAGES_ATTRS)  # as version 1 wrote them (read as str)

@@ -40,7 +40,10 @@ def preview(path: str | Path, key: LoadedKey, out: str | Path, *, count: int = 8
     rows = np.unique(np.linspace(0, meta.rows - 1, n).round().astype(np.int64))  # spread over the file
     n = len(rows)
     with h5format.open_h5(path) as f:
-        y = f[h5format.IMAGES][rows].astype(np.float32)
+        try:
+            y = f[h5format.IMAGES][rows].astype(np.float32)
+        except h5format.H5_ERRORS as e:
+            raise h5format.damaged(path, f"images rows {rows[0]}..{rows[-1]} are unreadable", e) from None
     d = Disguise.from_key(key)
     cols = [_stretch(y)]
     if d.invertible:

@@ -1,6 +1,7 @@
-"""Write the format-v1 archive files (run once per release that writes v1; never rewrite old ones).
+"""Write the archive files of the format version this dkit writes, into formats/archives/vN (once
+per new format version; it refuses to touch a folder that exists, so old archives are never rewritten).
 
-    python formats/archives/make_v1.py formats/archives/v1
+    python formats/archives/make.py
 
 Each file is made from tiny synthetic images with a public test seed and injected randomness, and
 manifest.json records what a reader must find in it (metadata, and SHA-256 of each dataset's bytes).
@@ -19,6 +20,7 @@ from PIL import Image
 from dkit import __version__
 from dkit.data import Options, disguise_source, open_source
 from dkit.data.decode import Policy
+from dkit.data.h5format import VERSION
 from dkit.derive import derive
 from dkit.engine import RandomSource
 from dkit.keystore import LoadedKey
@@ -60,13 +62,24 @@ def images(folder: Path, layout: str, channels: int) -> list[str]:
     return names
 
 
+def plain(v):
+    """An attribute as JSON (version 2 stores text as fixed-length UTF-8 bytes)."""
+    v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
 def sha(a) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def main(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"about": f"format v1 files written by dkit {__version__} with formats/archives/make_v1.py", "files": {}}
+    if out_dir.exists():
+        raise SystemExit(f"{out_dir} exists: archives of a released format version are never rewritten")
+    out_dir.mkdir(parents=True)
+    about = f"format v{VERSION} files written by dkit {__version__} with formats/archives/make.py"
+    manifest = {"about": about, "files": {}}
     for name, kw, layout, opts in CASES:
         key, seed = test_key(name, **kw)
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,9 +98,7 @@ def main(out_dir: Path) -> None:
                 "key_id": key.key_id,
                 "source_pixels_hex": pixels.tobytes().hex(),
                 "attrs": {
-                    k: (v.item() if hasattr(v, "item") else (v.decode() if isinstance(v, bytes) else v))
-                    for k, v in f.attrs.items()
-                    if k not in ("created", "dataset_id", "dkit_version")
+                    k: plain(v) for k, v in f.attrs.items() if k not in ("created", "dataset_id", "dkit_version")
                 },
                 "datasets": {
                     k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype), "sha256": sha(f[k][:])} for k in f.keys()
@@ -98,4 +109,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "formats/archives/v1"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else f"formats/archives/v{VERSION}"))
