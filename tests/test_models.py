@@ -621,3 +621,32 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path, bad):
     save_file(state, str(tmp_path / "m" / WEIGHTS), metadata={"format": "dkit-model", "version": "1"})
     with pytest.raises(ArtifactError, match=rf"NaN or infinite values \({re.escape(name)}\)"):
         load_model(tmp_path / "m")
+
+
+def test_training_refuses_garbage_and_shows_its_folder_at_once(tiny_h5, tmp_path, monkeypatch):
+    import h5py
+
+    from dkit.errors import ParameterError
+    from dkit.models import training
+
+    seen = []
+
+    def progress(p):
+        seen.append((tmp_path / "m").is_dir())
+
+    train(tiny_h5, tmp_path / "m", TrainOptions(arch="cnn", epochs=1), progress=progress)
+    assert seen and seen[0]  # the model folder is there from the first step, before epoch 1 ends
+
+    with pytest.raises(ParameterError, match=r"--arch-param depth is 100000, out of range"):
+        train(tiny_h5, tmp_path / "p", TrainOptions(arch="blockvit", epochs=1, arch_params={"depth": 100_000}))
+
+    nan = tmp_path / "nan.h5"
+    shutil.copy(tiny_h5, nan)
+    with h5py.File(nan, "r+") as f:
+        f["images"][4, 0, 0, 0] = np.nan
+    with pytest.raises(FormatError, match=r"1 images hold NaN or infinite values \(first at row 4\)"):
+        train(nan, tmp_path / "n", TrainOptions(arch="cnn", epochs=1))
+
+    monkeypatch.setattr(training, "_loss", lambda logits, y: logits.sum() * float("nan"))
+    with pytest.raises(InputError, match="training diverged: the loss is nan at epoch 1, step 1"):
+        train(tiny_h5, tmp_path / "d", TrainOptions(arch="cnn", epochs=1))

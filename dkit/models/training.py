@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DisguisedDataset, h5format
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, FormatError, InputError, ParameterError
 from ..home import atomic_write
 from ..keystore.records import fmt_time, utcnow
 from . import artifact
-from .nets import ARCHS, build, soft_cross_entropy
+from .nets import ARCHS, build, check_params, soft_cross_entropy
 
 CHECKPOINT = "checkpoint"
 DEFAULT_LR = {"cnn": 1e-3, "resnet18": 2e-3, "blockvit": 1e-3}
@@ -78,7 +78,11 @@ def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[
     if not 0 <= fraction < 1:
         raise InputError("--val-fraction must lie in [0, 1)")
     with h5format.open_h5(path) as f:
-        ids = f[h5format.SOURCE_IDS][: meta.rows]
+        try:
+            ds = f[h5format.SOURCE_IDS]
+        except h5format.H5_ERRORS as e:
+            raise h5format.damaged(path, "the source_ids dataset cannot be opened", e) from None
+        ids = h5format.read_rows(ds, h5format.SOURCE_IDS, path, 0, meta.rows)
     groups, inverse = np.unique(ids, axis=0, return_inverse=True)
     digest = hashlib.sha256(f"{meta.dataset_id}/{seed}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
@@ -163,6 +167,8 @@ def train(
     meta = h5format.inspect(data)
     if meta.label_kind == "none":
         raise InputError(f"{data}: the dataset has no labels, so there is nothing to train a classifier on")
+    if meta.rows == 0:
+        raise InputError(f"{data}: the dataset has no rows, so there is nothing to train on")
     if options.epochs < 1 or options.batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
     ckpt_dir = model_dir / CHECKPOINT
@@ -178,6 +184,9 @@ def train(
         shutil.rmtree(ckpt_dir)
     arch = options.resolved_arch(meta)
     arch_params = {**DEFAULT_ARCH_PARAMS[arch], **options.arch_params}
+    problem = check_params(arch, arch_params, meta.params.shape, meta.params.block)
+    if problem:  # the bounds a model folder is read with: never train a model that cannot be loaded
+        raise ParameterError(f"--arch-param {problem[0]} {problem[1]}")
     device = pick_device(options.device)
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
     torch.manual_seed(options.seed)
@@ -185,6 +194,12 @@ def train(
         (model_dir / name).unlink(missing_ok=True)
 
     x_np, y_np = DisguisedDataset(data, in_memory=False).read_all()
+    bad = np.flatnonzero(~np.isfinite(x_np.reshape(len(x_np), -1)).all(axis=1))
+    if len(bad):  # dkit never writes them; a model trained on them is garbage with exit 0
+        raise FormatError(
+            f"{data}: {len(bad):,} images hold NaN or infinite values (first at row {int(bad[0])})",
+            hint="the file was not written by dkit as it is; disguise the images again",
+        )
     x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2)  # (N, C, H, W), a view
     y_all = torch.from_numpy(y_np)
     tr, va = split(data, meta, options.val_fraction, options.seed)
@@ -227,6 +242,7 @@ def train(
     on_gpu = device.type == "cuda"
     if on_gpu:
         x_tr_dev, y_tr_dev = x_tr.to(device), y_tr.to(device)
+    model_dir.mkdir(parents=True, exist_ok=True)  # visible from the start; the checkpoint comes after epoch 1
     for epoch in range(start_epoch, options.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -254,7 +270,13 @@ def train(
             scaler.update()
             sched.step()
             seen += len(xb)
-            loss_sum += float(loss.detach()) * len(xb)
+            step_loss = float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise InputError(
+                    f"training diverged: the loss is {step_loss} at epoch {epoch + 1}, step {step + 1}",
+                    hint="train again with a lower --lr (and --force to start over)",
+                )
+            loss_sum += step_loss * len(xb)
             correct += _accuracy(logits.detach(), yb)
             if progress:
                 progress(
