@@ -24,6 +24,11 @@ MAX_SIDE = 16384
 MAX_CHANNELS = 64
 # Joint RMT stores t matrices of d x d; refuse keys whose matrices exceed this many entries.
 MAX_MATRIX_ENTRIES = 1 << 25
+# Deriving a key costs time per block position (a permutation step, a matrix, an AES key): at most
+# this many positions (1024x1024 in 1x1 blocks, 4096x4096 in 4x4), a few seconds per load.
+MAX_POSITIONS = 1 << 20
+# Predict: disguises per input whose probabilities are averaged (each is a full forward pass).
+MAX_SAMPLES = 64
 
 _INT = r"\s*([0-9]+)\s*"
 
@@ -171,6 +176,12 @@ class KeyParams:
             )
         if self.spec != 1:
             raise ParameterError(f"derivation spec version {self.spec} is not known to this dkit")
+        if self.positions > MAX_POSITIONS:
+            raise ParameterError(
+                f"a {h}x{w} image in {bh}x{bw} blocks has {self.positions:,} block positions; "
+                f"dkit derives at most {MAX_POSITIONS:,} (each costs time at every key load)",
+                hint="use larger blocks",
+            )
         if self.has("rmt"):
             if self.rmt_kind not in RMT_KINDS:
                 raise ParameterError(f"unknown rmt kind {self.rmt_kind!r}: choose " + " or ".join(RMT_KINDS))

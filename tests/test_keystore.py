@@ -585,3 +585,35 @@ def test_the_file_store_lists_its_labels_without_a_passphrase(isolated_home):
     labels = FileBackend(isolated_home / "secrets.json", lambda **_: None).labels()
     assert labels == [f"{store_id}/k@1", f"{store_id}/k@2"]
     assert Keystore(isolated_home).orphans() == []  # found through the file store, whatever DKIT_KEYSTORE says
+
+
+def test_resource_bounds(isolated_home, monkeypatch, tmp_path, cli):
+    """Keys too large to derive, too many prediction samples, and an import that rewrote the file
+    store once per version (5,000 versions took 124 s) are bounded or linear."""
+    from dkit.errors import ParameterError
+    from dkit.keystore import backends
+    from dkit.params import MAX_POSITIONS
+
+    for shape, block in (("16384x16384x64", 1), ("4096x4096", 1)):
+        with pytest.raises(ParameterError, match=f"dkit derives at most {MAX_POSITIONS:,}"):
+            KeyParams.create(shape, block, "perm")
+    KeyParams.create("4096x4096", 4, "perm")  # 2^20 positions: the most
+    r = cli("predict", tmp_path, tmp_path, "--key", "k", "--samples", "100000")
+    assert r.exit_code == 2 and "less than or equal to 64" in r.stderr
+
+    phrase = "bounds passphrase 41a"
+    ks = Keystore(isolated_home, backend_kind="file", passphrase=lambda **_: phrase)
+    ks.keygen("many", KeyParams.create("8x8", 4, "perm"))
+    versions = 150
+    for _ in range(versions - 1):
+        ks.rotate("many")
+    ks.export("many", tmp_path / "many.backup", "backup passphrase 7f")
+    writes = []
+    real = backends.atomic_write
+    monkeypatch.setattr(
+        backends, "atomic_write", lambda path, data, **kw: (writes.append(path), real(path, data, **kw))
+    )
+    other = Keystore(tmp_path / "other", backend_kind="file", passphrase=lambda **_: phrase)
+    rec = other.import_(tmp_path / "many.backup", "backup passphrase 7f")
+    assert len(rec.versions) == versions and other.audit().ok
+    assert len(writes) == 1  # the file store is written once for all 150 secrets

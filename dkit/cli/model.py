@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..data import open_source
 from ..errors import InputError
+from ..params import MAX_SAMPLES
 from . import common
 from .common import err, escape, out, print_json, printable
 
@@ -127,7 +128,11 @@ def predict(
     ),
     public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public set to mix with."),
     samples: int | None = typer.Option(
-        None, "--samples", help="Disguises per image, probabilities averaged (default 1; 4 for InstaHide)."
+        None,
+        "--samples",
+        min=1,
+        max=MAX_SAMPLES,
+        help=f"Disguises per image, probabilities averaged (default 1; 4 for InstaHide; at most {MAX_SAMPLES}).",
     ),
     float_range: Literal["0-1", "0-255"] | None = typer.Option(
         None,

@@ -148,6 +148,7 @@ class FileBackend:
         self.path = Path(path)
         self._passphrase = passphrase
         self._key: Seed | None = None  # the scrypt key once unlocked, in a redacted holder
+        self._cache: tuple | None = None  # (file stamp, parsed document): no secret, entries are sealed
 
     def __repr__(self) -> str:
         return f"FileBackend({str(self.path)!r})"
@@ -156,8 +157,19 @@ class FileBackend:
         raise TypeError("a file store cannot be pickled (once unlocked it holds its key); open one in each process")
 
     def _read(self) -> dict | None:
-        if not self.path.exists():
+        """The store's document (a fresh copy each time: callers change it); parsed again only when
+        the file changed, so reading many secrets (an audit) stays linear."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
             return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._cache is None or self._cache[0] != stamp:
+            self._cache = (stamp, self._parse())
+        doc = self._cache[1]
+        return {**doc, "entries": dict(doc["entries"])}
+
+    def _parse(self) -> dict:
         try:
             doc = jsonload.loads(self.path.read_bytes())
             if doc.get("format") != "dkit-file-store":
@@ -166,7 +178,9 @@ class FileBackend:
                 raise StoreCorrupt(
                     f"{self.path}: file store version {doc.get('version')} is newer than this dkit; upgrade dkit"
                 )
-            doc["kdf"], doc["check"], doc["entries"]  # noqa: B018 - presence check
+            doc["kdf"], doc["check"]  # noqa: B018 - presence check
+            if not isinstance(doc["entries"], dict):
+                raise TypeError("entries")
             return doc
         except StoreCorrupt:
             raise
@@ -213,8 +227,14 @@ class FileBackend:
             raise StoreCorrupt(f"{self.path}: the entry for {label.split('/', 1)[-1]} is damaged") from None
 
     def set(self, label, seed):
+        self.set_many([(label, seed)])
+
+    def set_many(self, items) -> None:
+        """Store several (label, seed) pairs with one write of the file (an import of many versions
+        stays linear in their number)."""
         key, doc = self._unlock(self._read())
-        doc["entries"][label] = sealed.encrypt(key, seed.expose(), label.encode("utf-8"))
+        for label, seed in items:
+            doc["entries"][label] = sealed.encrypt(key, seed.expose(), label.encode("utf-8"))
         atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def labels(self) -> list[str]:

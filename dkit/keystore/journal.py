@@ -89,8 +89,12 @@ def commit(home: Path, change: Change, backend) -> None:
     path = home / JOURNAL_NAME
     atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8") + b"\n")
     try:
-        for label, seed, _, _ in change.sets:
-            backend.set(label, seed)
+        pairs = [(label, seed) for label, seed, _, _ in change.sets]
+        if hasattr(backend, "set_many"):  # the file store: one write for all
+            backend.set_many(pairs)
+        else:
+            for label, seed in pairs:
+                backend.set(label, seed)
         for label in change.deletes:
             backend.delete(label)
     except BaseException:

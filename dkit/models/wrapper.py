@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..engine import Disguise, RandomSource
-from ..errors import InputError, KeyMismatch
+from ..errors import InputError, KeyMismatch, ParameterError
+from ..params import MAX_SAMPLES
 
 KEY_ID_ATTR = "dkit_key_id"  # set on a model by dkit.models.load: the public ID of its key version
 
@@ -69,8 +70,8 @@ class DisguisedModel(nn.Module):
         self.layout = layout
         is_mix = Disguise.from_key(key).instahide is not None
         self.samples = int(samples) if samples is not None else (4 if is_mix else 1)
-        if self.samples < 1:
-            raise ValueError("samples must be at least 1")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise ParameterError(f"samples must be from 1 to {MAX_SAMPLES}")
         object.__setattr__(self, "_disguise", Disguise.from_key(key))
         object.__setattr__(self, "_pool", None if pool is None else np.asarray(pool))
 
