@@ -349,8 +349,77 @@ def _check_storage(ds: h5py.Dataset, name: str, rows: int, shape, dtype, chunks,
             raise FormatError(f"{path}: the {name} dataset's chunks of {chunks[0]:,} rows are too large to read")
 
 
+def check_foreign(f: h5py.File, meta: Meta, path: Path) -> None:
+    """Nothing in the file reads from outside it, except a ``dkit merge --virtual`` file's shards.
+
+    A crafted file could otherwise make dkit read any local file as pixels: an external link, a
+    dataset with external raw storage, or a virtual dataset whose sources are other files. dkit
+    writes none of these, so they are refused; a virtual dataset is accepted only when every source
+    is a dkit shard of the same run, in this file's folder or below it."""
+    try:
+        names = list(f.keys())
+        links = {name: f.get(name, getlink=True) for name in names}
+    except H5_ERRORS as e:
+        raise damaged(path, "its list of objects is unreadable", e) from None
+    for name, link in links.items():
+        if isinstance(link, h5py.ExternalLink):
+            raise FormatError(
+                f"{path}: {printable_name(name)} is an external link to {printable_name(link.filename)}; "
+                "dkit files never link to other files (refused: it could read any file)"
+            )
+        if isinstance(link, h5py.SoftLink):
+            raise FormatError(f"{path}: {printable_name(name)} is a soft link; dkit files hold none")
+    for name in (IMAGES, LABELS, SOFT_LABELS, SOURCE_IDS):
+        ds = _dataset(f, name, path)
+        if ds is None:
+            continue
+        try:
+            external = ds.id.get_create_plist().get_external_count()
+            sources = ds.virtual_sources() if ds.is_virtual else []
+        except H5_ERRORS as e:
+            raise damaged(path, f"the {name} dataset's storage is unreadable", e) from None
+        if external:
+            raise FormatError(
+                f"{path}: the {name} dataset keeps its data in {external} external file(s); "
+                "dkit files never do (refused: it could read any file)"
+            )
+        for src in sources:
+            _check_virtual_source(path, meta, name, src)
+
+
+def _check_virtual_source(path: Path, meta: Meta, name: str, src) -> None:
+    rel = Path(src.file_name)
+    if rel.is_absolute() or ".." in rel.parts or src.file_name in ("", ".") or src.dset_name.lstrip("/") != name:
+        raise FormatError(
+            f"{path}: the virtual {name} dataset reads "
+            f"{printable_name(src.file_name)}:{printable_name(src.dset_name)}; "
+            "dkit merge --virtual only points at the same dataset of shard files in its own folder (refused)"
+        )
+    shard = path.parent / rel
+    try:
+        with open_h5(shard) as g:
+            other = read_meta(g, shard)
+    except DkitError as e:
+        raise FormatError(
+            f"{path}: the virtual {name} dataset reads {shard}, which is not a dkit shard ({e.message})"
+        ) from None
+    if other.shard is None or (other.listing_id, other.key_id, other.key_version) != (
+        meta.listing_id,
+        meta.key_id,
+        meta.key_version,
+    ):
+        raise FormatError(f"{path}: the virtual {name} dataset reads {shard}, which is not a shard of this run")
+
+
+def printable_name(text) -> str:
+    """A name from the file for a message: control characters escaped, cut short."""
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def check_layout(f: h5py.File, meta: Meta, path: Path) -> None:
     """The datasets agree with the metadata, and their declared sizes with the storage the file holds."""
+    check_foreign(f, meta, path)
     h, w, c = meta.params.shape
     n = meta.rows
     imgs = _dataset(f, IMAGES, path)
@@ -549,6 +618,7 @@ def verify(path: Path) -> dict:
     path = Path(path)
     meta = inspect(path)
     checked = {}
+    shards: dict[str, dict] = {}
     with open_h5(path) as f:
         labels = {"hard": LABELS, "soft": SOFT_LABELS}.get(meta.label_kind)
         for name in (IMAGES, labels, SOURCE_IDS):  # the datasets inspect checked against their storage
@@ -556,15 +626,20 @@ def verify(path: Path) -> dict:
             if ds is None:
                 continue
             shape, dtype, chunks, virtual, fletcher = _layout_of(ds, name, path)
-            # A virtual dataset (dkit merge --virtual) has no filters itself; reading it reads, and
-            # checks, the chunks of the shards it points to.
-            if not virtual and not fletcher:
+            if virtual:  # dkit merge --virtual: its data is the shards' (check_foreign vetted them)
+                for shard in sorted({path.parent / src.file_name for src in ds.virtual_sources()}):
+                    if str(shard) not in shards:
+                        shards[str(shard)] = verify(shard)  # every chunk of every shard, with its checksum
+            elif not fletcher:
                 raise FormatError(f"{path}: dataset {name} has no checksums (not written by dkit)")
             step = chunks[0] if chunks else 4096
             for r0 in range(0, shape[0], step):
                 read_rows(ds, name, path, r0, min(shape[0], r0 + step))
             checked[name] = int(shape[0])
-    return {"file": str(path), "ok": True, "rows": meta.rows, "datasets": checked}
+    doc = {"file": str(path), "ok": True, "rows": meta.rows, "datasets": checked}
+    if shards:
+        doc["shards"] = sorted(shards)
+    return doc
 
 
 class Writer:

@@ -60,6 +60,14 @@ def merge(out: str | Path, shards: list[str | Path], *, virtual: bool = False, f
     if missing:
         raise InputError(f"missing shard(s) {', '.join(f'{i}/{count}' for i in missing)}")
     ordered = [by_index[i] for i in range(count)]
+    if virtual:  # a reader accepts a virtual file only with its shards in its folder or below it
+        outside = [p for p, _ in ordered if ".." in Path(os.path.relpath(p.resolve(), out.resolve().parent)).parts]
+        if outside:
+            raise InputError(
+                f"{outside[0]}: a virtual merge points at its shards by relative path, and readers accept "
+                f"only shards in {out.resolve().parent} or below it",
+                hint="move the shards beside the output, or merge without --virtual (a copy)",
+            )
     for (pa, ma), (pb, mb) in zip(ordered, ordered[1:], strict=False):
         if ma.shard[3] != mb.shard[2]:
             raise InputError(f"{pb}: its sources do not follow {pa}'s")
