@@ -90,7 +90,7 @@ def commit(home: Path, change: Change, backend) -> None:
     atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8") + b"\n")
     try:
         pairs = [(label, seed) for label, seed, _, _ in change.sets]
-        if hasattr(backend, "set_many"):  # the file store: one write for all
+        if pairs and hasattr(backend, "set_many"):  # the file store: one write for all
             backend.set_many(pairs)
         else:
             for label, seed in pairs:
