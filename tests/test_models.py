@@ -434,7 +434,10 @@ def _saved(model_dir, arch, arch_params, seed=0):
     return model
 
 
-@pytest.mark.parametrize("arch,arch_params", [("cnn", {"hidden": 16}), ("resnet18", {}), ("blockvit", TINY_VIT)])
+@pytest.mark.parametrize(
+    "arch,arch_params",
+    [("cnn", {"hidden": 16}), ("resnet18", {}), ("blockvit", TINY_VIT), ("blockconv", {"width": 8, "depth": 1})],
+)
 def test_load_assigns_every_stored_tensor(tmp_path, arch, arch_params):
     """The network is built without memory (on the meta device) and takes the stored tensors as they
     are: parameters and buffers (the normalisation, BatchNorm's running statistics) alike."""
@@ -650,3 +653,63 @@ def test_training_refuses_garbage_and_shows_its_folder_at_once(tiny_h5, tmp_path
     monkeypatch.setattr(training, "_loss", lambda logits, y: logits.sum() * float("nan"))
     with pytest.raises(InputError, match="training diverged: the loss is nan at epoch 1, step 1"):
         train(tiny_h5, tmp_path / "d", TrainOptions(arch="cnn", epochs=1))
+
+
+def _from_blocks(b, block, grid):
+    """The inverse of nets.to_blocks: (t, N, d) -> (N, H, W, C) images."""
+    (bh, bw), (gh, gw) = block, grid
+    t, n, d = b.shape
+    c = d // (bh * bw)
+    return b.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, gh * bh, gw * bw, c)
+
+
+@pytest.mark.parametrize("channels", ["joint", "shared"])
+def test_blockconv_absorbs_an_unpermuted_rmt_key_exactly(channels):
+    """The same function on plain images with the key folded into the stem: BlockConv on disguised
+    images equals BlockConv with stem M_i^T W_i (and the offset folded into the bias) on plain ones."""
+    import copy
+
+    from dkit.engine import Disguise
+    from dkit.models.nets import BlockConv, to_blocks
+
+    key = test_key(f"absorb-{channels}", shape="8x8x3", block="4", pipeline="rmt", channels=channels)
+    dis = Disguise.from_key(key)
+    block, grid, t, d = (4, 4), (2, 2), 4, 48
+
+    def disguise(images):  # (N, H, W, C) float64 -> the same, through the spec's plain computation
+        return torch.from_numpy(dis.reference(images.numpy()))
+
+    def blocks(images):
+        return to_blocks(images.permute(0, 3, 1, 2), block, grid)
+
+    # the disguise is affine per block position: its offset and matrix from basis images
+    offset = blocks(disguise(torch.zeros(1, 8, 8, 3, dtype=torch.float64)))[:, 0]  # (t, d)
+    basis = _from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), block, grid)
+    mt = blocks(disguise(basis)) - offset[:, None]  # (t, d, d): row k is M_i e_k, so this is M_i^T
+    assert not torch.allclose(mt, torch.eye(d, dtype=torch.float64).expand(t, d, d))  # a real key
+
+    torch.manual_seed(0)
+    on_disguised = BlockConv((8, 8, 3), block, 5, width=16, depth=2).double().eval()
+    for m in on_disguised.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    on_plain = copy.deepcopy(on_disguised)
+    with torch.no_grad():
+        w = on_disguised.embed_w
+        on_plain.embed_w.copy_(torch.bmm(mt, w))
+        on_plain.embed_b.copy_(on_disguised.embed_b + torch.einsum("td,tdk->tk", offset, w))
+    x = torch.rand(6, 8, 8, 3, dtype=torch.float64) * 255
+    with torch.no_grad():
+        a = on_disguised(disguise(x).permute(0, 3, 1, 2))
+        b = on_plain(x.permute(0, 3, 1, 2))
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-7)
+
+
+def test_blockconv_trains_saves_and_predicts(tiny_h5, tmp_path):
+    metrics = train(
+        tiny_h5, tmp_path / "m", TrainOptions(arch="blockconv", epochs=2, arch_params={"width": 8, "depth": 1})
+    )
+    assert metrics["arch"] == "blockconv" and len(metrics["epochs"]) == 2
+    model, meta = load_model(tmp_path / "m")
+    assert meta.arch == "blockconv" and meta.arch_params == {"width": 8, "depth": 1}

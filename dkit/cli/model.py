@@ -19,13 +19,18 @@ from . import common
 from .common import err, escape, out, print_json, printable
 
 LOG_EVERY_S = 30.0  # without a terminal: a progress line at most this often within an epoch
-ARCH_NAMES = ("cnn", "resnet18", "blockvit")  # dkit.models.nets.ARCHS, named here to keep torch out of start-up
+ARCH_NAMES = (
+    "cnn",
+    "resnet18",
+    "blockvit",
+    "blockconv",
+)  # dkit.models.nets.ARCHS, named here to keep torch out of start-up
 
 
 def train(
     data: Path = typer.Argument(..., help="A disguised HDF5 file (dkit disguise)."),
     output: Path = typer.Option(..., "-o", "--output", help="The model folder to write."),
-    arch: Literal["auto", "cnn", "resnet18", "blockvit"] = typer.Option(
+    arch: Literal["auto", "cnn", "resnet18", "blockvit", "blockconv"] = typer.Option(
         "auto", "--arch", help="auto (blockvit for block disguises, else cnn), " + ", ".join(ARCH_NAMES) + "."
     ),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training data."),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("cnn", "resnet18", "blockvit")
+ARCHS = ("cnn", "resnet18", "blockvit", "blockconv")
 
 # The settings each architecture takes, with their type and bounds (formats/MODEL-v1.md). A model's
 # arch_params come from an untrusted model.json: they are checked against these (``check_params``)
@@ -30,6 +30,8 @@ MAX_DIM = 8192
 MAX_DEPTH = 256
 MAX_HEADS = 256
 MAX_MLP_RATIO = 64.0
+MAX_WIDTH = 4096  # blockconv channels
+MAX_CONV_DEPTH = 64  # blockconv residual blocks
 ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int or float, least, most)
     "cnn": {"hidden": (int, 1, MAX_HIDDEN), "drop_conv": (float, 0.0, 1.0), "drop_hidden": (float, 0.0, 1.0)},
     "resnet18": {},
@@ -40,6 +42,7 @@ ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int
         "mlp_ratio": (float, 0.0, MAX_MLP_RATIO),
         "dropout": (float, 0.0, 1.0),
     },
+    "blockconv": {"width": (int, 1, MAX_WIDTH), "depth": (int, 1, MAX_CONV_DEPTH), "dropout": (float, 0.0, 1.0)},
 }
 
 
@@ -60,11 +63,12 @@ def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | Non
         if not (least <= value <= most) or (kind is float and name == "mlp_ratio" and value <= 0):
             low = "above 0" if name == "mlp_ratio" else f"from {least:g}"
             return name, f"is {_show(value)}, out of range (it must be {low} to {most:g})"
-    if arch == "blockvit":
+    if arch in ("blockvit", "blockconv"):
         h, w, _ = shape
         bh, bw = block
         if h % bh or w % bw:
             return "block", f"{bh}x{bw} does not tile {h}x{w}"
+    if arch == "blockvit":
         defaults = inspect.signature(BlockViT).parameters
         p = {k: defaults[k].default for k in ("dim", "heads", "mlp_ratio")} | params
         if p["dim"] % p["heads"]:
@@ -158,16 +162,69 @@ class BlockViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def blocks(self, x):
-        """(N, C, H, W) -> (t, N, d): block position-major, each block in (row, column, channel) order."""
-        n, c, _, _ = x.shape
-        bh, bw = self.block
-        gh, gw = self.grid
-        return x.permute(0, 2, 3, 1).reshape(n, gh, bh, gw, bw, c).permute(1, 3, 0, 2, 4, 5).reshape(gh * gw, n, -1)
+        return to_blocks(x, self.block, self.grid)
 
     def forward(self, x):
         tokens = torch.bmm(self.blocks(x), self.embed_w).transpose(0, 1) + self.embed_b + self.pos
         tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+
+def to_blocks(x, block, grid):
+    """(N, C, H, W) -> (t, N, d): block position-major, each block in (row, column, channel) order
+    (``keys/SPEC-v1.md`` section 12), so that position i's weights meet the values its key mixed."""
+    n, c, _, _ = x.shape
+    bh, bw = block
+    gh, gw = grid
+    return x.permute(0, 2, 3, 1).reshape(n, gh, bh, gw, bw, c).permute(1, 3, 0, 2, 4, 5).reshape(gh * gw, n, -1)
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class BlockConv(nn.Module):
+    """A block-aware convolutional network for disguises that keep blocks in place (rmt, aes without
+    perm). Its stem is a linear map per block position (d values -> ``width`` channels): whatever
+    invertible linear map a key applies at a position, the stem can absorb it exactly (the same
+    function on plain images has the stem ``M_i^T W_i``). A residual conv trunk then runs on the grid
+    of block positions, where neighbouring blocks are still neighbours, so convolution's bias for
+    locality survives. With perm, neighbourhoods are scrambled: use blockvit."""
+
+    def __init__(self, shape, block, num_classes, *, width: int = 128, depth: int = 4, dropout: float = 0.0):
+        super().__init__()
+        h, w, c = shape
+        bh, bw = block
+        if h % bh or w % bw:
+            raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
+        self.block, self.grid = tuple(block), (h // bh, w // bw)
+        t, d = self.grid[0] * self.grid[1], bh * bw * c
+        self.embed_w = nn.Parameter(torch.randn(t, d, width) / math.sqrt(d))
+        self.embed_b = nn.Parameter(torch.zeros(t, width))
+        self.stem_norm = nn.BatchNorm2d(width)
+        self.trunk = nn.Sequential(*[_Residual(width) for _ in range(depth)])
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes)
+        )
+
+    def stem(self, x):
+        """(N, C, H, W) -> (N, width, GH, GW): one linear map per block position."""
+        tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.embed_w) + self.embed_b[:, None]
+        return tokens.permute(1, 2, 0).reshape(x.shape[0], -1, *self.grid)
+
+    def forward(self, x):
+        return self.head(self.trunk(F.relu(self.stem_norm(self.stem(x)))))
 
 
 def build(arch: str, shape, block, num_classes: int, mean, std, **arch_params) -> nn.Module:
@@ -178,6 +235,8 @@ def build(arch: str, shape, block, num_classes: int, mean, std, **arch_params) -
         net = resnet18(shape, num_classes)
     elif arch == "blockvit":
         net = BlockViT(shape, block, num_classes, **arch_params)
+    elif arch == "blockconv":
+        net = BlockConv(shape, block, num_classes, **arch_params)
     else:
         raise ValueError(f"unknown architecture {arch!r}: choose " + ", ".join(ARCHS))
     return nn.Sequential(Normalize(mean, std), net)

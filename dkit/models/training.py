@@ -29,8 +29,13 @@ from . import artifact
 from .nets import ARCHS, build, check_params, soft_cross_entropy
 
 CHECKPOINT = "checkpoint"
-DEFAULT_LR = {"cnn": 1e-3, "resnet18": 2e-3, "blockvit": 1e-3}
-DEFAULT_ARCH_PARAMS = {"cnn": {}, "resnet18": {}, "blockvit": {"dim": 128, "depth": 6, "heads": 4}}
+DEFAULT_LR = {"cnn": 1e-3, "resnet18": 2e-3, "blockvit": 1e-3, "blockconv": 2e-3}
+DEFAULT_ARCH_PARAMS = {
+    "cnn": {},
+    "resnet18": {},
+    "blockvit": {"dim": 128, "depth": 6, "heads": 4},
+    "blockconv": {"width": 128, "depth": 4},
+}
 
 
 @dataclass
