@@ -55,6 +55,7 @@ CIFAR = [
     ("perm+rmt 4x4 joint noise 25 / blockvit", dict(pipeline="perm,rmt", noise=25), "blockvit", {}, 15, {}),
     ("identity / resnet18", dict(pipeline="identity"), "resnet18", {}, 15, {}),
     ("perm+rmt 4x4 joint noise 25 / resnet18", dict(pipeline="perm,rmt", noise=25), "resnet18", {}, 15, {}),
+    ("rmt 4x4 joint noise 25 / blockconv", dict(pipeline="rmt", noise=25), "blockconv", {}, 15, {}),
     ("perm+aes 4x4 per-block / blockvit", dict(pipeline="perm,aes"), "blockvit", {}, 15, {}),
     ("instahide k=4, T=1 / resnet18", dict(pipeline="instahide", k=4), "resnet18", {}, 15, {}),
     ("identity / blockvit, mixup 0.2", dict(pipeline="identity"), "blockvit", {}, 15, {}, {"mixup": 0.2}),
