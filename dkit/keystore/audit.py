@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import jsonload
-from ..home import append_line
 from ..params import canonical_json
 
 LOG_NAME = "audit.jsonl"
@@ -31,13 +30,6 @@ def entry_line(head: dict | None, fields: dict) -> tuple[bytes, dict]:
     entry = {"n": n, **fields, "prev": (head or {}).get("hash", GENESIS)}
     entry["hash"] = entry_hash(entry)
     return canonical_json(entry) + b"\n", {"n": n, "hash": entry["hash"]}
-
-
-def append(path: Path, head: dict | None, fields: dict) -> dict:
-    """Append an entry after ``head``; returns the new head. Caller holds the lock."""
-    line, head = entry_line(head, fields)
-    append_line(path, line)
-    return head
 
 
 @dataclass(frozen=True)
