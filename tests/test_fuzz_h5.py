@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dkit.data import Options, disguise_source, open_source
+from dkit.data import Options, disguise_source, h5format, open_source
 from dkit.engine import RandomSource
 
 from conftest import REPO
@@ -183,30 +183,7 @@ BAD_VALUES = {
     "json-bigfloat": "1e999",
     "compound": np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
 }
-ATTRS = (
-    "dkit_format",
-    "dkit_format_version",
-    "key_id",
-    "key_version",
-    "key_params",
-    "rows",
-    "label_kind",
-    "num_classes",
-    "class_names",
-    "encodings",
-    "dtype",
-    "options",
-    "listing_id",
-    "source_count",
-    "complete",
-    "shard",
-    "dataset_id",
-    "created",
-    "dkit_version",
-    "source_skipped",
-    "progress_sources",
-    "layout",
-)
+ATTRS = ("dkit_format", *h5format.REQUIRED, *h5format.OPTIONAL, "layout")  # every root attribute a reader reads
 
 
 def _set(attrs, key, value):
