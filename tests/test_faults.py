@@ -118,6 +118,20 @@ def check_store(home) -> dict:
     return {name: [v.version for v in rec.versions] for name, rec in state.keys.items()}
 
 
+def assert_no_seed(home, files: dict, output: str) -> None:
+    """No form of any stored seed in the files a crash left (the journal, temporary files) or in the
+    killed command's output."""
+    import base64
+
+    backend = FileBackend(home / FILE_STORE_NAME, lambda **_: PHRASE)
+    for label in backend.labels():
+        raw = backend.get(label).expose()
+        forms = [raw, raw.hex().encode(), base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"=")]
+        for path, data in files.items():
+            assert not any(form in data for form in forms), f"a seed in {path.name}"
+        assert not any(form.decode("latin-1") in output for form in forms[1:])
+
+
 @pytest.fixture(scope="module")
 def base_home(tmp_path_factory):
     """A home with the file store and key k (two versions), and a backup of another key b."""
@@ -170,7 +184,9 @@ def _kill_keys(base_home, case, n):
         p = dkit(home, *args, kill_at=k, check=False)
         assert p.returncode == -signal.SIGKILL, (k, total, p.returncode, p.stderr)
         killed += 1
+        left = {f: f.read_bytes() for f in home.rglob("*") if f.is_file()}  # with the journal, temp files
         after = check_store(home)
+        assert_no_seed(home, left, p.stdout + p.stderr)
         assert done_or_not(before, after), (k, after)
         # the store keeps working: the command runs again (or says it was done) and the chain holds
         again = dkit(home, *args, check=False)

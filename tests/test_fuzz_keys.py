@@ -169,20 +169,24 @@ RECORD_COMMANDS = [
 ]
 
 
-def _fuzz_records(root, n):
+def _fuzz_home_file(root, n, what, name, data, commands):
+    """Mutants of one file of the dkit home (``name``), each followed by a command on that home."""
     home = root / "home"
-    data = (home / "keys.json").read_bytes()
-    rng = random.Random("dkit fuzz records")
+    rng = random.Random(f"dkit fuzz {what}")
     outcomes = []
     for i in range(n):
-        what, mutant = mutate(data, rng)
-        work = root / f"rec-{i}"
+        edit, mutant = mutate(data, rng)
+        work = root / f"{what}-{i}"
         shutil.copytree(home, work)
-        (work / "keys.json").write_bytes(mutant)
-        argv = rng.choice(RECORD_COMMANDS)
-        outcomes.append((f"keys.json {what} | dkit {' '.join(argv)}", run_cli(argv, env=env(work))))
+        (work / name).write_bytes(mutant)
+        argv = rng.choice(commands)
+        outcomes.append((f"{name} {edit} | dkit {' '.join(argv)}", run_cli(argv, env=env(work))))
         shutil.rmtree(work)
     return outcomes
+
+
+def _fuzz_records(root, n):
+    return _fuzz_home_file(root, n, "records", "keys.json", (root / "home" / "keys.json").read_bytes(), RECORD_COMMANDS)
 
 
 def _fuzz_backup(root, n):
@@ -201,19 +205,8 @@ def _fuzz_backup(root, n):
 
 
 def _fuzz_journal(root, n):
-    home = root / "home"
-    data = (root / "journal.json").read_bytes()
-    rng = random.Random("dkit fuzz journal")
-    outcomes = []
-    for i in range(n):
-        what, mutant = mutate(data, rng)
-        work = root / f"jr-{i}"
-        shutil.copytree(home, work)
-        (work / "journal.json").write_bytes(mutant)
-        argv = rng.choice([["keys", "audit"], ["keys", "rotate", "k"]])
-        outcomes.append((f"journal {what} | dkit {' '.join(argv)}", run_cli(argv, env=env(work))))
-        shutil.rmtree(work)
-    return outcomes
+    commands = [["keys", "audit"], ["keys", "rotate", "k"]]
+    return _fuzz_home_file(root, n, "journal", "journal.json", (root / "journal.json").read_bytes(), commands)
 
 
 def _fuzz_log(root, n):

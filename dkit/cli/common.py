@@ -16,6 +16,7 @@ from rich.console import Console
 from ..errors import EXIT_ACTION, DkitError, PassphraseError
 from ..keystore import Keystore
 from ..keystore.backends import ENV_PASSPHRASE
+from ..text import printable
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -81,16 +82,6 @@ def fail(e: DkitError) -> None:
     if e.hint:
         err.print(f"[dim]hint:[/] {escape(e.hint)}")
     raise typer.Exit(e.exit_code)
-
-
-def printable(text) -> str:
-    """``text`` with every control character (C0, DEL, C1) and bidirectional override shown as an
-    escape (``\\x1b``), so that a name from an untrusted file (a class name, a file name) cannot
-    drive the terminal: no OSC-52 clipboard write, no screen clear, no reordered text."""
-    text = str(text)
-    if all(ch.isprintable() or ch == " " for ch in text):
-        return text
-    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def escape(text) -> str:

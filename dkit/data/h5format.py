@@ -27,9 +27,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .. import __version__
+from .. import __version__, jsonload
 from ..errors import DkitError, FormatError, InputError
 from ..params import KeyParams, canonical_json
+from ..text import printable
 
 FORMAT = "dkit-disguised-dataset"
 VERSION = 2
@@ -124,10 +125,6 @@ class Meta:
         return d
 
 
-def _str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 REQUIRED = (
     "dkit_format_version",
     "key_id",
@@ -217,10 +214,8 @@ def _int(a: dict, name: str, path: Path, lo: int = 0, hi: int = INT64[1], defaul
 def _json(a: dict, name: str, path: Path):
     text = _text(a, name, path)
     try:
-        return json.loads(text)
-    except RecursionError:
-        raise FormatError(f"{path}: damaged metadata ({name} nests too deeply)") from None
-    except ValueError as e:  # also a number too long to convert
+        return jsonload.loads(text)
+    except ValueError as e:  # also nesting too deep, and a number too long to convert
         raise FormatError(f"{path}: damaged metadata ({name} is not JSON: {first_line(e)})") from None
 
 
@@ -364,11 +359,11 @@ def check_foreign(f: h5py.File, meta: Meta, path: Path) -> None:
     for name, link in links.items():
         if isinstance(link, h5py.ExternalLink):
             raise FormatError(
-                f"{path}: {printable_name(name)} is an external link to {printable_name(link.filename)}; "
+                f"{path}: {printable(name, 120)} is an external link to {printable(link.filename, 120)}; "
                 "dkit files never link to other files (refused: it could read any file)"
             )
         if isinstance(link, h5py.SoftLink):
-            raise FormatError(f"{path}: {printable_name(name)} is a soft link; dkit files hold none")
+            raise FormatError(f"{path}: {printable(name, 120)} is a soft link; dkit files hold none")
     for name in (IMAGES, LABELS, SOFT_LABELS, SOURCE_IDS):
         ds = _dataset(f, name, path)
         if ds is None:
@@ -392,7 +387,7 @@ def _check_virtual_source(path: Path, meta: Meta, name: str, src) -> None:
     if rel.is_absolute() or ".." in rel.parts or src.file_name in ("", ".") or src.dset_name.lstrip("/") != name:
         raise FormatError(
             f"{path}: the virtual {name} dataset reads "
-            f"{printable_name(src.file_name)}:{printable_name(src.dset_name)}; "
+            f"{printable(src.file_name, 120)}:{printable(src.dset_name, 120)}; "
             "dkit merge --virtual only points at the same dataset of shard files in its own folder (refused)"
         )
     shard = path.parent / rel
@@ -409,12 +404,6 @@ def _check_virtual_source(path: Path, meta: Meta, name: str, src) -> None:
         meta.key_version,
     ):
         raise FormatError(f"{path}: the virtual {name} dataset reads {shard}, which is not a shard of this run")
-
-
-def printable_name(text) -> str:
-    """A name from the file for a message: control characters escaped, cut short."""
-    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def check_layout(f: h5py.File, meta: Meta, path: Path) -> None:
@@ -630,7 +619,9 @@ def verify(path: Path) -> dict:
                 for shard in sorted({path.parent / src.file_name for src in ds.virtual_sources()}):
                     if str(shard) not in shards:
                         shards[str(shard)] = verify(shard)  # every chunk of every shard, with its checksum
-            elif not fletcher:
+                checked[name] = int(shape[0])
+                continue  # reading it again through the mapping would read the same chunks twice
+            if not fletcher:
                 raise FormatError(f"{path}: dataset {name} has no checksums (not written by dkit)")
             step = chunks[0] if chunks else 4096
             for r0 in range(0, shape[0], step):

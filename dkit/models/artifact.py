@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, jsonload
 from ..data.decode import FITS, FLOAT_RANGES
 from ..errors import ArtifactError
 from ..home import atomic_write
 from ..params import MAX_CHANNELS, MAX_SIDE, KeyParams
+from ..text import shown
 from .nets import ARCHS, build, check_params
 
 FORMAT = "dkit-model"
@@ -115,12 +116,6 @@ _OPTIONAL = {
 }
 
 
-def _show(value) -> str:
-    """A value for a message: its repr, cut short (a hostile file may hold megabytes)."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -147,10 +142,9 @@ def _read_json(path: Path) -> object:
     if size > MAX_META_BYTES:
         raise ArtifactError(f"{path}: {size:,} bytes, more than a model description may hold ({MAX_META_BYTES:,})")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
-        raise ArtifactError(f"{path}: not valid JSON ({why})") from None
+        return jsonload.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # also not UTF-8, and nesting too deep
+        raise ArtifactError(f"{path}: not valid JSON ({str(e).splitlines()[0][:80]})") from None
 
 
 def read_meta(model_dir: Path) -> ModelMeta:
@@ -171,7 +165,7 @@ def read_meta(model_dir: Path) -> ModelMeta:
     if doc.get("version") != VERSION or not _is_int(doc.get("version")):
         newer = _is_int(doc.get("version")) and doc["version"] > VERSION
         raise ArtifactError(
-            f"{path}: model format version {_show(doc.get('version'))} is not known to this dkit"
+            f"{path}: model format version {shown(doc.get('version'))} is not known to this dkit"
             + ("; upgrade dkit" if newer else ""),
             hint="pip install --upgrade dkit" if newer else None,
         )
@@ -183,33 +177,33 @@ def read_meta(model_dir: Path) -> ModelMeta:
 
     for k, t in _REQUIRED.items():
         if not isinstance(doc.get(k), t) or isinstance(doc.get(k), bool):
-            what = "missing" if k not in doc else f"{_show(doc[k])}, not a {t.__name__}"
+            what = "missing" if k not in doc else f"{shown(doc[k])}, not a {t.__name__}"
             why = " (the model does not say which key it was trained with)" if k.startswith("key_") else ""
             bad(k, f"is {what}{why}")
     for k, (types, want) in _OPTIONAL.items():
         if k in doc and not isinstance(doc[k], types):
-            bad(k, f"is {_show(doc[k])}, not a {want}")
+            bad(k, f"is {shown(doc[k])}, not a {want}")
     for k in ("created", "dkit_version"):
         if len(doc.get(k, "")) > MAX_TEXT_CHARS:
             bad(k, f"is longer than {MAX_TEXT_CHARS} characters")
     if doc["arch"] not in ARCHS:
-        raise ArtifactError(f"{path}: unknown architecture {_show(doc['arch'])}: dkit builds " + ", ".join(ARCHS))
+        raise ArtifactError(f"{path}: unknown architecture {shown(doc['arch'])}: dkit builds " + ", ".join(ARCHS))
     if len(doc["key_id"]) != 32 or any(ch not in "0123456789abcdef" for ch in doc["key_id"]):
-        raise ArtifactError(f"{path}: malformed key ID {_show(doc['key_id'])}")
+        raise ArtifactError(f"{path}: malformed key ID {shown(doc['key_id'])}")
     if not 1 <= doc["key_version"] <= MAX_KEY_VERSION:
-        bad("key_version", f"is {_show(doc['key_version'])}, out of range (1 to {MAX_KEY_VERSION})")
+        bad("key_version", f"is {shown(doc['key_version'])}, out of range (1 to {MAX_KEY_VERSION})")
     if doc["label_kind"] not in LABEL_KINDS:
-        bad("label_kind", f"is {_show(doc['label_kind'])}, not one of " + ", ".join(LABEL_KINDS))
+        bad("label_kind", f"is {shown(doc['label_kind'])}, not one of " + ", ".join(LABEL_KINDS))
     # the geometry: in_shape, block, and the key parameters they come from
     shape, block = doc["in_shape"], doc["block"]
     if len(shape) != 3 or not all(_is_int(v) for v in shape):
-        bad("in_shape", f"is {_show(shape)}, not [height, width, channels] as integers")
+        bad("in_shape", f"is {shown(shape)}, not [height, width, channels] as integers")
     if not (1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE and 1 <= shape[2] <= MAX_CHANNELS):
-        bad("in_shape", f"is {_show(shape)}: sides must be 1 to {MAX_SIDE}, channels 1 to {MAX_CHANNELS}")
+        bad("in_shape", f"is {shown(shape)}: sides must be 1 to {MAX_SIDE}, channels 1 to {MAX_CHANNELS}")
     if len(block) != 2 or not all(_is_int(v) for v in block):
-        bad("block", f"is {_show(block)}, not [height, width] as integers")
+        bad("block", f"is {shown(block)}, not [height, width] as integers")
     if not (1 <= block[0] <= shape[0] and 1 <= block[1] <= shape[1]) or shape[0] % block[0] or shape[1] % block[1]:
-        bad("block", f"is {_show(block)}, which does not tile in_shape {shape[0]}x{shape[1]}")
+        bad("block", f"is {shown(block)}, which does not tile in_shape {shape[0]}x{shape[1]}")
     try:
         params = KeyParams.from_dict(doc["key_params"])
     except Exception as e:  # noqa: BLE001 - ParameterError, and whatever a hostile dict provokes
@@ -217,36 +211,36 @@ def read_meta(model_dir: Path) -> ModelMeta:
     if list(params.shape) != shape or list(params.block) != block:
         bad(
             "in_shape",
-            f"and 'block' ({_show(shape)}, {_show(block)}) are not the key parameters' "
+            f"and 'block' ({shown(shape)}, {shown(block)}) are not the key parameters' "
             f"({list(params.shape)}, {list(params.block)})",
         )
     # the classes
     n = doc["num_classes"]
     if not 1 <= n <= MAX_CLASSES:
-        bad("num_classes", f"is {_show(n)}, out of range (1 to {MAX_CLASSES:,})")
+        bad("num_classes", f"is {shown(n)}, out of range (1 to {MAX_CLASSES:,})")
     names = doc.get("class_names")
     if names is not None:
         if len(names) != n:
             bad("class_names", f"holds {len(names):,} names for num_classes {n}")
         for i, c in enumerate(names):
             if not isinstance(c, str) or len(c) > MAX_NAME_CHARS:
-                bad(f"class_names[{i}]", f"is {_show(c)}, not a name (a string of at most {MAX_NAME_CHARS} characters)")
+                bad(f"class_names[{i}]", f"is {shown(c)}, not a name (a string of at most {MAX_NAME_CHARS} characters)")
     # the input normalisation: one finite mean and one positive std per channel
     norm = doc["normalization"]
     for k in ("mean", "std"):
         v = norm.get(k)
         if not isinstance(v, list) or len(v) != shape[2] or not all(_is_number(x) for x in v):
-            bad(f"normalization.{k}", f"is {_show(v)}, not a list of {shape[2]} finite numbers (one per channel)")
+            bad(f"normalization.{k}", f"is {shown(v)}, not a list of {shape[2]} finite numbers (one per channel)")
     if not all(x > 0 for x in norm["std"]):
-        bad("normalization.std", f"is {_show(norm['std'])}: each must be above 0")
+        bad("normalization.std", f"is {shown(norm['std'])}: each must be above 0")
     # how inputs are read
     opts = doc.get("data_options", {})
     if opts.get("fit", "none") not in FITS:
-        bad("data_options.fit", f"is {_show(opts['fit'])}, not one of " + ", ".join(FITS))
+        bad("data_options.fit", f"is {shown(opts['fit'])}, not one of " + ", ".join(FITS))
     if not isinstance(opts.get("convert", True), bool):
-        bad("data_options.convert", f"is {_show(opts['convert'])}, not true or false")
+        bad("data_options.convert", f"is {shown(opts['convert'])}, not true or false")
     if opts.get("float_range") not in FLOAT_RANGES:
-        bad("data_options.float_range", f'is {_show(opts["float_range"])}, not null, "0-1" or "0-255"')
+        bad("data_options.float_range", f'is {shown(opts["float_range"])}, not null, "0-1" or "0-255"')
     # the architecture's settings: types and bounds, then what they imply together
     problem = check_params(doc["arch"], doc["arch_params"], shape, block)
     if problem:
@@ -350,21 +344,21 @@ def read_header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
     for name, entry in doc.items():
         if name == "__metadata__":
             continue
-        label = _show(name)
+        label = shown(name)
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             bad(f"tensor {label} is not described by dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
-            bad(f"tensor {label} has dtype {_show(dtype)}, which no dkit model holds")
+            bad(f"tensor {label} has dtype {shown(dtype)}, which no dkit model holds")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(v) and 0 <= v < 1 << 48 for v in shape):
-            bad(f"tensor {label} has shape {_show(shape)}")
+            bad(f"tensor {label} has shape {shown(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)):
-            bad(f"tensor {label} has data_offsets {_show(offsets)}")
+            bad(f"tensor {label} has data_offsets {shown(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data:
             bad(f"tensor {label} lies at bytes {begin:,} to {end:,}, outside the {data:,} bytes of data")
         if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-            bad(f"tensor {label} has {end - begin:,} bytes for shape {_show(shape)} {dtype}")
+            bad(f"tensor {label} has {end - begin:,} bytes for shape {shown(shape)} {dtype}")
         out[name] = (tuple(shape), DTYPES[dtype])
         spans.append((begin, end))
     spans.sort()
@@ -390,7 +384,7 @@ def _misfit(want: dict, got: dict) -> str:
     """What differs between the described model's tensors and the stored ones (name -> (shape,
     dtype) each), or ""."""
     problems = [f"{k} is missing" for k in want if k not in got]
-    problems += [f"{_show(k)} is not in the described model" for k in got if k not in want]
+    problems += [f"{shown(k)} is not in the described model" for k in got if k not in want]
     problems += [
         f"{k} is {got[k][0]} {str(got[k][1])[6:]} in the weights, {t[0]} {str(t[1])[6:]} in the description"
         for k, t in want.items()

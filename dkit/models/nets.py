@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..text import shown
+
 ARCHS = ("cnn", "resnet18", "blockvit", "blockconv")
 
 # The settings each architecture takes, with their type and bounds (formats/MODEL-v1.md). A model's
@@ -59,10 +61,10 @@ def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | Non
             return str(name)[:40], f"is not a setting of {arch} (its settings: {known})"
         kind, least, most = spec[name]
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            return name, f"is {_show(value)}, not {'a number' if kind is float else 'an integer'}"
+            return name, f"is {shown(value)}, not {'a number' if kind is float else 'an integer'}"
         if not (least <= value <= most) or (kind is float and name == "mlp_ratio" and value <= 0):
             low = "above 0" if name == "mlp_ratio" else f"from {least:g}"
-            return name, f"is {_show(value)}, out of range (it must be {low} to {most:g})"
+            return name, f"is {shown(value)}, out of range (it must be {low} to {most:g})"
     if arch in ("blockvit", "blockconv"):
         h, w, _ = shape
         bh, bw = block
@@ -76,11 +78,6 @@ def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | Non
         if int(p["dim"] * p["mlp_ratio"]) < 1:
             return "mlp_ratio", f"is {p['mlp_ratio']}: dim x mlp_ratio must be at least 1"
     return None
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Normalize(nn.Module):
