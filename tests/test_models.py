@@ -319,6 +319,8 @@ def test_cifar_block_model_trains_and_predicts(cifar_folder, tmp_path, cli, isol
         tmp_path / "model",
         "--epochs",
         "3",
+        "--arch",
+        "blockvit",
         "--arch-param",
         "dim=48",
         "--arch-param",
@@ -436,7 +438,13 @@ def _saved(model_dir, arch, arch_params, seed=0):
 
 @pytest.mark.parametrize(
     "arch,arch_params",
-    [("cnn", {"hidden": 16}), ("resnet18", {}), ("blockvit", TINY_VIT), ("blockconv", {"width": 8, "depth": 1})],
+    [
+        ("cnn", {"hidden": 16}),
+        ("resnet18", {}),
+        ("blockvit", TINY_VIT),
+        ("blockconv", {"width": 8, "depth": 1}),
+        ("blockresnet", {}),
+    ],
 )
 def test_load_assigns_every_stored_tensor(tmp_path, arch, arch_params):
     """The network is built without memory (on the meta device) and takes the stored tensors as they

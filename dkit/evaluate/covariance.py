@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment, quadratic_assignment
 
+from .. import placement
 from ..params import KeyParams
 from .common import (
     AttackResult,
@@ -99,45 +100,11 @@ def grid_pairs(params: KeyParams, reach: int = 1) -> list[tuple[int, int]]:
 
 
 def grid_kernel(params: KeyParams) -> np.ndarray:
-    gh, gw = params.grid
-    r, c = np.divmod(np.arange(gh * gw), gw)
-    d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
-    k = np.exp(-d2 / 2.0)
-    np.fill_diagonal(k, 0.0)
-    return k
+    return placement.grid_kernel(params.grid)
 
 
 def spectral_place(similarity: np.ndarray, params: KeyParams, neighbours: int = 4) -> np.ndarray:
-    """A grid placement from a similarity graph by Laplacian eigenmaps: the two smoothest non-constant
-    eigenvectors of a nearest-neighbour graph's normalised Laplacian run along the grid's rows and
-    columns (up to a rotation, swept here); ranks along them give the rows, then the columns."""
-    t = len(similarity)
-    gh, gw = params.grid
-    k = grid_kernel(params)
-    if t < 3:
-        return np.arange(t)
-    w = np.zeros_like(similarity)
-    nearest = np.argsort(-similarity, axis=1)[:, : min(neighbours, t - 1)]
-    rows = np.repeat(np.arange(t), nearest.shape[1])
-    w[rows, nearest.ravel()] = np.maximum(similarity[rows, nearest.ravel()], 1e-6)
-    w = np.maximum(w, w.T)
-    deg = w.sum(axis=1)
-    dm = 1 / np.sqrt(np.maximum(deg, 1e-12))
-    _, vecs = np.linalg.eigh(dm[:, None] * (np.diag(deg) - w) * dm[None, :])
-    y = vecs[:, 1:3] * dm[:, None]
-    best, best_val = np.arange(t), -np.inf
-    for th in np.linspace(0, np.pi, 72, endpoint=False):
-        u = y @ np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-        for uu in (u, u[:, ::-1]):
-            p = np.empty(t, dtype=np.int64)
-            order = np.argsort(uu[:, 0], kind="stable")
-            for r in range(gh):
-                grp = order[r * gw : (r + 1) * gw]
-                p[grp[np.argsort(uu[grp, 1], kind="stable")]] = r * gw + np.arange(gw)
-            val = float((similarity * k[np.ix_(p, p)]).sum())
-            if val > best_val:
-                best, best_val = p, val
-    return best
+    return placement.spectral_place(similarity, params.grid, neighbours)
 
 
 def unary_costs(dis: Moments, pub: Moments) -> np.ndarray:

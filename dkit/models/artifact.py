@@ -303,6 +303,9 @@ def load(model_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.
                 f"{model_dir}: the weights hold NaN or infinite values ({nonfinite}); "
                 "such a model predicts garbage (its training diverged, or the file was altered)"
             )
+        scrambled = next((k for k, t in state.items() if k.endswith("arrangement") and not _is_permutation(t)), None)
+        if scrambled:  # it indexes the grid: anything but a permutation would drop or repeat blocks
+            raise ArtifactError(f"{model_dir}: the weights' {scrambled} is not a permutation of the block positions")
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ArtifactError(f"{model_dir}: the weights do not fit the described model ({str(e)[:160]})") from None
@@ -314,6 +317,10 @@ def load(model_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.
     model.dkit_key_id = meta.key_id
     model.dkit_key_version = meta.key_version
     return model, meta
+
+
+def _is_permutation(t: torch.Tensor) -> bool:
+    return t.dtype == torch.int64 and t.dim() == 1 and torch.equal(torch.sort(t).values, torch.arange(len(t)))
 
 
 def read_header(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -4,6 +4,8 @@ value range; each carries its input normalisation as buffers, so weights alone d
 - ``cnn``: the DisguisedNets paper's simple CNN (conv 5x5x32, pool, conv 5x5x64, pool, FC 1024, FC).
 - ``resnet18``: torchvision's ResNet-18 with a 3x3 stride-2 stem and no max-pool, so a 32x32 input
   keeps 16x16 feature maps (torchvision's 7x7 stem and max-pool leave 8x8).
+- ``blockresnet``: ResNet-18's trunk behind a per-position linear stem; a fixed arrangement of the
+  positions on the grid (estimated from the data when the key permutes) absorbs the permutation.
 - ``blockvit``: a block-aware transformer. Its patches are the disguise's blocks, and each block
   position has its own patch embedding ``E_i`` (a d x D matrix), so ``E_i`` can absorb the
   position's secret matrix (``E_i = R_i^T W``) and the learned position embeddings absorb the
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..text import shown
 
-ARCHS = ("cnn", "resnet18", "blockvit", "blockconv")
+ARCHS = ("cnn", "resnet18", "blockvit", "blockconv", "blockresnet")
 
 # The settings each architecture takes, with their type and bounds (formats/MODEL-v1.md). A model's
 # arch_params come from an untrusted model.json: they are checked against these (``check_params``)
@@ -34,6 +36,7 @@ MAX_HEADS = 256
 MAX_MLP_RATIO = 64.0
 MAX_WIDTH = 4096  # blockconv channels
 MAX_CONV_DEPTH = 64  # blockconv residual blocks
+MAX_CELLS = 16  # blockresnet: feature-map cells per block side
 ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int or float, least, most)
     "cnn": {"hidden": (int, 1, MAX_HIDDEN), "drop_conv": (float, 0.0, 1.0), "drop_hidden": (float, 0.0, 1.0)},
     "resnet18": {},
@@ -45,6 +48,7 @@ ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int
         "dropout": (float, 0.0, 1.0),
     },
     "blockconv": {"width": (int, 1, MAX_WIDTH), "depth": (int, 1, MAX_CONV_DEPTH), "dropout": (float, 0.0, 1.0)},
+    "blockresnet": {"cells": (int, 1, MAX_CELLS)},
 }
 
 
@@ -65,7 +69,7 @@ def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | Non
         if not (least <= value <= most) or (kind is float and name == "mlp_ratio" and value <= 0):
             low = "above 0" if name == "mlp_ratio" else f"from {least:g}"
             return name, f"is {shown(value)}, out of range (it must be {low} to {most:g})"
-    if arch in ("blockvit", "blockconv"):
+    if arch in ("blockvit", "blockconv", "blockresnet"):
         h, w, _ = shape
         bh, bw = block
         if h % bh or w % bw:
@@ -197,7 +201,8 @@ class BlockConv(nn.Module):
     invertible linear map a key applies at a position, the stem can absorb it exactly (the same
     function on plain images has the stem ``M_i^T W_i``). A residual conv trunk then runs on the grid
     of block positions, where neighbouring blocks are still neighbours, so convolution's bias for
-    locality survives. With perm, neighbourhoods are scrambled: use blockvit."""
+    locality survives. It has no arrangement: for a permuting key use blockresnet, which places the
+    blocks first."""
 
     def __init__(self, shape, block, num_classes, *, width: int = 128, depth: int = 4, dropout: float = 0.0):
         super().__init__()
@@ -224,6 +229,55 @@ class BlockConv(nn.Module):
         return self.head(self.trunk(F.relu(self.stem_norm(self.stem(x)))))
 
 
+def default_cells(block) -> tuple[int, int]:
+    """Feature-map cells per block side: half the block side (rounded, at least 1), so that the
+    trunk sees the half-resolution map ResNet-18's stride-2 stem gives (16x16 for CIFAR)."""
+    return tuple(max(1, round(b / 2)) for b in block)
+
+
+class BlockResNet(nn.Module):
+    """ResNet-18 for disguised blocks. The stem is a linear map per stored block position (d values
+    -> cells x cells x 64 features), which absorbs any invertible linear map a key applies at that
+    position exactly (the same function on plain images has the stem ``M_i^-1 W``). The features of
+    stored position j are put at grid cell ``arrangement[j]``; torchvision's ResNet-18 layers then
+    run on that map. With the identity arrangement this is the block-aware conv model for keys
+    without perm. For a permuting key, ``dkit train`` estimates the arrangement from the disguised
+    training images (``dkit.placement``): when it is the key's permutation up to a grid symmetry, the
+    network absorbs perm + RMT exactly. The arrangement is a buffer, stored with the weights."""
+
+    def __init__(self, shape, block, num_classes, *, cells: int | None = None):
+        super().__init__()
+        from torchvision.models import resnet18 as tv_resnet18
+
+        h, w, c = shape
+        bh, bw = block
+        if h % bh or w % bw:
+            raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
+        self.block, self.grid = tuple(block), (h // bh, w // bw)
+        self.cells = (cells, cells) if cells else default_cells(block)
+        t, d = self.grid[0] * self.grid[1], bh * bw * c
+        width = 64
+        out = self.cells[0] * self.cells[1] * width
+        self.embed_w = nn.Parameter(torch.randn(t, d, out) * math.sqrt(2.0 / d))
+        self.embed_b = nn.Parameter(torch.zeros(t, out))
+        self.register_buffer("arrangement", torch.arange(t))
+        self.stem_norm = nn.BatchNorm2d(width)
+        net = tv_resnet18(num_classes=num_classes)
+        self.trunk = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc)
+
+    def stem(self, x):
+        """(N, C, H, W) -> (N, 64, GH x cells, GW x cells), stored position j at cell arrangement[j]."""
+        n = x.shape[0]
+        tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.embed_w) + self.embed_b[:, None]
+        tokens = tokens[torch.argsort(self.arrangement)]  # grid cell order
+        (gh, gw), (sh, sw) = self.grid, self.cells
+        return tokens.view(gh, gw, n, sh, sw, -1).permute(2, 5, 0, 3, 1, 4).reshape(n, -1, gh * sh, gw * sw)
+
+    def forward(self, x):
+        return self.head(self.trunk(F.relu(self.stem_norm(self.stem(x)))))
+
+
 def build(arch: str, shape, block, num_classes: int, mean, std, **arch_params) -> nn.Module:
     """The network with its normalisation in front."""
     if arch == "cnn":
@@ -234,6 +288,8 @@ def build(arch: str, shape, block, num_classes: int, mean, std, **arch_params) -
         net = BlockViT(shape, block, num_classes, **arch_params)
     elif arch == "blockconv":
         net = BlockConv(shape, block, num_classes, **arch_params)
+    elif arch == "blockresnet":
+        net = BlockResNet(shape, block, num_classes, **arch_params)
     else:
         raise ValueError(f"unknown architecture {arch!r}: choose " + ", ".join(ARCHS))
     return nn.Sequential(Normalize(mean, std), net)

@@ -29,13 +29,15 @@ from . import artifact
 from .nets import ARCHS, build, check_params, soft_cross_entropy
 
 CHECKPOINT = "checkpoint"
-DEFAULT_LR = {"cnn": 1e-3, "resnet18": 2e-3, "blockvit": 1e-3, "blockconv": 2e-3}
+DEFAULT_LR = {"cnn": 1e-3, "resnet18": 2e-3, "blockvit": 1e-3, "blockconv": 2e-3, "blockresnet": 2e-3}
 DEFAULT_ARCH_PARAMS = {
     "cnn": {},
     "resnet18": {},
     "blockvit": {"dim": 128, "depth": 6, "heads": 4},
     "blockconv": {"width": 128, "depth": 4},
+    "blockresnet": {},
 }
+PLACEMENT_ROWS = 20_000  # training rows the arrangement of a permuting key is estimated from
 
 
 @dataclass
@@ -56,8 +58,32 @@ class TrainOptions:
             if self.arch not in ARCHS:
                 raise InputError(f"unknown --arch {self.arch!r}: choose auto, " + ", ".join(ARCHS))
             return self.arch
-        block_structured = any(meta.params.has(m) for m in ("perm", "rmt", "aes"))
-        return "blockvit" if block_structured else "cnn"
+        return auto_arch(meta.params)
+
+
+def auto_arch(params) -> str:
+    """The architecture ``--arch auto`` picks from a file's public pipeline: ResNet-18 for plain and
+    InstaHide images (which keep the image's layout), the block-aware ResNet for anything cut in
+    blocks (rmt, perm, aes): per-position stems absorb RMT, the estimated arrangement absorbs perm."""
+    if any(params.has(m) for m in ("perm", "rmt", "aes")):
+        return "blockresnet"
+    return "resnet18"
+
+
+def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch.Tensor, float]:
+    """The grid cell of each stored block position, from training images (N, C, H, W) alone
+    (``dkit.placement``), and the seconds it took."""
+    from ..placement import place_positions
+    from .nets import to_blocks
+
+    t0 = time.perf_counter()
+    rows = x
+    if len(x) > PLACEMENT_ROWS:
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:PLACEMENT_ROWS]
+        rows = x[pick.sort().values]
+    blocks = to_blocks(rows.float(), block, grid).permute(1, 0, 2).numpy()
+    cells = place_positions(blocks, grid)
+    return torch.from_numpy(cells.astype(np.int64)), time.perf_counter() - t0
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,10 +104,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation rows, split by source image (all encodings of one image on the same side)."""
-    if not 0 <= fraction < 1:
-        raise InputError("--val-fraction must lie in [0, 1)")
+def source_groups(path: Path, meta: h5format.Meta) -> tuple[int, np.ndarray]:
+    """The number of source images and, for each row, the index of its image (rows of one image
+    share a source ID: InstaHide's encodings, or the copies of ``--copies``)."""
     with h5format.open_h5(path) as f:
         try:
             ds = f[h5format.SOURCE_IDS]
@@ -89,13 +114,43 @@ def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[
             raise h5format.damaged(path, "the source_ids dataset cannot be opened", e) from None
         ids = h5format.read_rows(ds, h5format.SOURCE_IDS, path, 0, meta.rows)
     groups, inverse = np.unique(ids, axis=0, return_inverse=True)
+    return len(groups), inverse.reshape(-1)
+
+
+def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation rows, split by source image (all encodings of one image on the same side)."""
+    if not 0 <= fraction < 1:
+        raise InputError("--val-fraction must lie in [0, 1)")
+    n_groups, inverse = source_groups(path, meta)
     digest = hashlib.sha256(f"{meta.dataset_id}/{seed}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    n_val = int(round(len(groups) * fraction))
-    val_groups = np.zeros(len(groups), dtype=bool)
-    val_groups[rng.permutation(len(groups))[:n_val]] = True
+    n_val = int(round(n_groups * fraction))
+    val_groups = np.zeros(n_groups, dtype=bool)
+    val_groups[rng.permutation(n_groups)[:n_val]] = True
     is_val = val_groups[inverse]
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class CopyPicker:
+    """For files with ``--copies``: an epoch visits each training image once, through one of its
+    copies drawn at random, so T copies cost no more per epoch than one (the same budget); the
+    validation rows are each image's first copy, the image as it is (like the images predicted)."""
+
+    def __init__(self, groups: np.ndarray):
+        order = np.argsort(groups, kind="stable")
+        _, first, counts = np.unique(groups[order], return_index=True, return_counts=True)
+        self.order, self.first, self.counts = torch.from_numpy(order), torch.from_numpy(first), torch.from_numpy(counts)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def epoch(self, gen: torch.Generator) -> torch.Tensor:
+        """Positions into the rows, one per image, in a random order."""
+        pick = self.first + (torch.rand(len(self.first), generator=gen, dtype=torch.float64) * self.counts).long()
+        return self.order[pick][torch.randperm(len(self.first), generator=gen)]
+
+    def firsts(self) -> torch.Tensor:
+        return self.order[self.first]
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -208,17 +263,30 @@ def train(
     x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2)  # (N, C, H, W), a view
     y_all = torch.from_numpy(y_np)
     tr, va = split(data, meta, options.val_fraction, options.seed)
+    picker = None
+    if meta.encodings > 1 and meta.label_kind == "hard":  # --copies: one copy per image per epoch
+        _, groups = source_groups(data, meta)
+        picker = CopyPicker(groups[tr])
+        if len(va):
+            va = np.sort(va[CopyPicker(groups[va]).firsts().numpy()])
     x_tr, y_tr = x_all[tr], y_all[tr]
     x_va, y_va = x_all[va], y_all[va]
     num_classes = meta.num_classes or int(y_all.max()) + 1
     del x_np, y_np, x_all, y_all  # the splits are copies: hold the data once, not twice
     mean, std = channel_stats(x_tr)
-    model = build(arch, meta.params.shape, meta.params.block, num_classes, mean, std, **arch_params).to(device)
+    model = build(arch, meta.params.shape, meta.params.block, num_classes, mean, std, **arch_params)
+    placement = None
+    if arch == "blockresnet" and meta.params.has("perm"):
+        plain_copies = x_tr if picker is None else x_tr[picker.firsts()]
+        cells, seconds = estimate_arrangement(plain_copies, meta.params.block, model[1].grid, options.seed)
+        model[1].arrangement.copy_(cells)
+        placement = {"estimated_from_rows": min(len(plain_copies), PLACEMENT_ROWS), "seconds": round(seconds, 3)}
+    model = model.to(device)
     if device.type == "cuda" and arch != "blockvit":
         model = model.to(memory_format=torch.channels_last)
     lr = options.lr or DEFAULT_LR[arch]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=options.weight_decay)
-    steps_per_epoch = math.ceil(len(x_tr) / options.batch_size)
+    steps_per_epoch = math.ceil((len(picker) if picker else len(x_tr)) / options.batch_size)
     total_steps = steps_per_epoch * options.epochs
     warmup = min(steps_per_epoch, max(1, total_steps // 10))
 
@@ -242,8 +310,12 @@ def train(
     if resume and ckpt_dir.exists():
         start_epoch, history = _load_checkpoint(ckpt_dir, run_id, model, opt, sched)
     gen = torch.Generator().manual_seed(options.seed)
+
+    def epoch_order() -> torch.Tensor:
+        return picker.epoch(gen) if picker else torch.randperm(len(x_tr), generator=gen)
+
     for _ in range(start_epoch):  # replay the shuffles of finished epochs
-        torch.randperm(len(x_tr), generator=gen)
+        epoch_order()
     on_gpu = device.type == "cuda"
     if on_gpu:
         x_tr_dev, y_tr_dev = x_tr.to(device), y_tr.to(device)
@@ -251,7 +323,7 @@ def train(
     for epoch in range(start_epoch, options.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(x_tr), generator=gen)
+        order = epoch_order()
         mix_rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run mixes alike
         seen, correct, loss_sum = 0, 0, 0.0
         for step in range(steps_per_epoch):
@@ -318,6 +390,7 @@ def train(
         "amp": str(amp).replace("torch.", "") if amp else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_rows": len(tr),
+        "train_images": len(picker) if picker else None,
         "val_rows": len(va),
         "epochs": history,
         "final": history[-1],
@@ -325,6 +398,7 @@ def train(
         "lr": lr,
         "batch_size": options.batch_size,
         "seed": options.seed,
+        "placement": placement,
     }
     model_meta = artifact.ModelMeta(
         arch=arch,
