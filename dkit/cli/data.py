@@ -57,6 +57,12 @@ def disguise(
     ),
     withhold_classes: bool = typer.Option(False, "--withhold-classes", help="Do not store the class names."),
     encodings: int = typer.Option(1, "--encodings", min=1, help="InstaHide: encodings per image (T)."),
+    copies: int = typer.Option(
+        1, "--copies", min=1, help="Rows per image, each with fresh noise (with --augment: copies 1.. augmented)."
+    ),
+    augment: str = typer.Option(
+        "", "--augment", help="Augment the copies before disguising: flip, crop, or flip,crop (needs --copies 2+)."
+    ),
     public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public image set to mix with."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (bombs)."),
     download: bool = typer.Option(False, "--download", help="Let a torchvision dataset download its files."),
@@ -65,8 +71,10 @@ def disguise(
     """Disguise a dataset with a key into an HDF5 file (written under a temporary name, then renamed)."""
     if dtype not in ("float32", "float16"):
         raise InputError(f"unknown dtype {dtype!r}: choose float32 or float16")
-    if encodings < 1:
-        raise InputError("--encodings must be at least 1")
+    if encodings < 1 or copies < 1:
+        raise InputError("--encodings and --copies must be at least 1")
+    if encodings > 1 and copies > 1:
+        raise InputError("give --encodings (InstaHide) or --copies (other keys), not both")
     options = Options(
         fit=fit,
         convert=convert,
@@ -74,7 +82,8 @@ def disguise(
         workers=workers,
         dtype=dtype,
         withhold_classes=withhold_classes,
-        encodings=encodings,
+        encodings=max(encodings, copies),
+        augment=augment,
         max_pixels=max_pixels,
         float_range=float_range,
         shard=parse_shard(shard) if shard else None,
@@ -117,6 +126,11 @@ def disguise(
             out.print(f"  ... and {len(report.skipped) - 10} more (--json lists the counts by problem)")
 
 
+def _augmented(meta) -> str:
+    kinds = meta.options.get("augment") if isinstance(meta.options, dict) else None
+    return f" (copies augmented: {escape(str(kinds))})" if kinds else ""
+
+
 def inspect_cmd(file: Path = typer.Argument(..., help="A disguised HDF5 file."), json_out: bool = JSON):
     """Check a disguised dataset against the format spec and show its public metadata (no key needed)."""
     meta = inspect(file)
@@ -134,7 +148,7 @@ def inspect_cmd(file: Path = typer.Argument(..., help="A disguised HDF5 file."),
         ("pipeline", meta.params.describe()),
         ("labels", meta.label_kind + (f", {meta.num_classes} classes" if meta.num_classes else "")),
         ("class names", ", ".join(meta.class_names) if meta.class_names else "withheld or none"),
-        ("encodings per image", str(meta.encodings)),
+        ("rows per image", str(meta.encodings) + _augmented(meta)),
         ("source items", f"{meta.source_count:,} ({meta.source_skipped} skipped)"),
     ]
     if meta.shard:

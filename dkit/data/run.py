@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from ..engine import Disguise, RandomSource
 from ..errors import DkitError, InputError
 from ..keystore import LoadedKey
 from ..keystore.records import fmt_time, utcnow
-from . import h5format
+from . import augment, h5format
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, Policy, warm
 from .sources import Source
 
@@ -46,7 +46,8 @@ class Options:
     workers: int | None = None
     dtype: str = "float32"
     withhold_classes: bool = False
-    encodings: int = 1  # InstaHide: encodings per image
+    encodings: int = 1  # rows per image: InstaHide's encodings, or copies (--copies) for other keys
+    augment: tuple[str, ...] = ()  # owner-side augmentation of copies 1.. (augment.KINDS)
     max_pixels: int = DEFAULT_MAX_PIXELS
     float_range: str | None = None  # float pixels: "0-1" or "0-255"; None refuses fractional floats
     shard: tuple[int, int] | None = None  # (index, count)
@@ -60,8 +61,9 @@ class Options:
             "dtype": self.dtype,
             "encodings": self.encodings,
             "withhold_classes": self.withhold_classes,
-            # only when set, so files written without it keep their recorded options
+            # only when set, so files written without them keep their recorded options
             **({"float_range": self.float_range} if self.float_range else {}),
+            **({"augment": ",".join(self.augment)} if self.augment else {}),
         }
 
 
@@ -256,8 +258,15 @@ def disguise_source(
         _remove(partial)
     d = Disguise.from_key(key)
     params = key.params
-    if d.instahide is None and options.encodings != 1:
-        raise InputError("--encodings applies to instahide keys only")
+    if options.encodings < 1 or options.encodings > h5format.MAX_ENCODINGS:
+        raise InputError(f"--copies (--encodings) must be 1 to {h5format.MAX_ENCODINGS}")
+    kinds = options.augment if isinstance(options.augment, str) else ",".join(options.augment)
+    options = replace(options, augment=augment.parse(kinds))  # known kinds, canonical order
+    if options.augment:
+        if d.instahide is not None:
+            raise InputError("--augment applies to keys without instahide (InstaHide mixes images instead)")
+        if options.encodings < 2:
+            raise InputError("--augment needs --copies 2 or more: copy 0 is the image as it is")
     if d.instahide is not None and params.mix == "cross" and public is None and params.k > 1:
         raise InputError("this key mixes with a public image set (instahide cross): pass --public SRC")
     policy = Policy(
@@ -324,7 +333,8 @@ def disguise_source(
         if resumed is None:
             _remove(partial)
         raise _write_error(partial, e) from None
-    buf = None if d.instahide is not None else np.empty((batch,) + params.shape, dtype=options.dtype)
+    rows_out = batch * options.encodings
+    buf = None if d.instahide is not None else np.empty((rows_out,) + params.shape, dtype=options.dtype)
     try:
         for positions, imgs, ok, errors, notes, t_dec in batches:
             report.seconds["decode"] += t_dec
@@ -396,10 +406,14 @@ def _disguise_batch(
             out_labels.append(soft)
             out_ids += [source_id(d.material, nm) for nm in names for _ in range(options.encodings)]
         else:
+            copies = options.encodings  # each image's copies are consecutive, with their own noise
+            if copies > 1:
+                x = augment.expand(x, copies, options.augment, rng, p0)
+                labels = None if labels is None else np.repeat(labels, copies)
             k = sum(len(r) for r in out_rows)
-            out_rows.append(d.apply(x, rng=rng, start=p0, dtype=options.dtype, out=buf[k : k + len(x)]))
+            out_rows.append(d.apply(x, rng=rng, start=p0 * copies, dtype=options.dtype, out=buf[k : k + len(x)]))
             out_labels.append(labels)
-            out_ids += [source_id(d.material, nm) for nm in names]
+            out_ids += [source_id(d.material, nm) for nm in names for _ in range(copies)]
     if not out_rows:
         return None, None, None
     y = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
