@@ -138,6 +138,28 @@ def test_model_leak_recovers_the_relative_rotations(pipeline, channels):
         assert f["placement_accuracy"] == 1.0
 
 
+def test_model_leak_reads_a_blockresnet_and_its_arrangement():
+    """A BlockResNet whose stems are a perfect leak (E_j = diag(std) R_a^T W, one W) and whose stored
+    arrangement is the key's permutation, as dkit train estimates it: the attack takes the placement
+    from the model and recovers the images."""
+    key = test_key("leak-resnet", shape="16x16", block=4, pipeline="perm,rmt", noise=0)
+    p, std = key.material.params, 40.0
+    model = build("blockresnet", p.shape, p.block, 10, [100.0], [std])
+    net = model[1]
+    w = np.random.default_rng(0).standard_normal((p.block_size, net.embed_w.shape[2]))
+    mats = Disguise.from_key(key).rmt.matrices
+    with torch.no_grad():
+        for j, a in enumerate(key.material.perm):
+            net.embed_w[j] = torch.tensor(std * mats[a].T @ w, dtype=torch.float32)
+        net.arrangement.copy_(torch.from_numpy(np.array(key.material.perm)))
+    public, private, targets = synthetic(2000, 1), synthetic(2000, 2), synthetic(48, 3)
+    dis, tdis = disguise(key, private, targets)
+    res = model_leak(model, p, public, tdis, targets, disguised=dis)
+    assert res.params["placement_from"] == "the model's stored arrangement"
+    assert res.figures["embedding_fit"] > 0.999 and res.figures["placement_accuracy"] == 1.0
+    assert res.figures["psnr_db"] > 33 and res.verdict == "broken"
+
+
 def test_model_leak_scores_only_held_out_targets_without_a_disguised_set():
     key = test_key("leak-split", shape="16x16", block=4, pipeline="rmt", noise=0)
     targets = synthetic(1200, 3)

@@ -31,7 +31,11 @@ measure, against the held-out plain images and without the key, how well the rel
 alone explain the targets once the best single frame is fitted (1, and the owner's own quality up to
 the noise: the relative key fully leaked).
 
-Convention: a model without a ``BlockViT`` inside is not attacked; the result has verdict ``"n/a"``,
+BlockConv and BlockResNet hold the same per-position embeddings (their stems) and are read the same
+way; a BlockResNet also stores where each position goes on the grid (its arrangement, estimated from
+the disguised images: ``dkit.placement``), which the attack then takes as its placement.
+
+Convention: a model without a block-aware network inside is not attacked; the result has verdict ``"n/a"``,
 no figures and a note saying why (the same convention ``covariance_attack`` uses for keys it does
 not cover).
 """
@@ -62,14 +66,16 @@ GPA_ITERATIONS = 100
 
 
 def find_blockvit(model):
-    """(the BlockViT inside ``model``, its input Normalize or None), or (None, None)."""
-    from ..models.nets import BlockViT, Normalize
+    """(the block-aware network inside ``model``, its input Normalize or None), or (None, None).
+    Block-aware: BlockViT, BlockConv and BlockResNet, which all hold one embedding ``embed_w`` per
+    stored block position."""
+    from ..models.nets import BlockConv, BlockResNet, BlockViT, Normalize
 
     vit, norm = None, None
     for mod in model.modules():
         if isinstance(mod, Normalize) and vit is None and norm is None:
             norm = mod
-        if isinstance(mod, BlockViT):
+        if isinstance(mod, (BlockViT, BlockConv, BlockResNet)):
             vit = mod
             break
     return (vit, norm) if vit is not None else (None, None)
@@ -248,8 +254,8 @@ def model_leak(
     """Read the relative RMT matrices and the permutation out of a block-aware model (level 1).
 
     ``model``: the trained network (``nn.Sequential(Normalize, BlockViT)`` as dkit builds it; any
-    module holding a BlockViT); ``public_plain``: plain images of the same kind; ``targets_*``: the
-    held-out pairs to reconstruct and score. ``disguised``: unlabelled disguised images for the
+    module holding a BlockViT, BlockConv or BlockResNet); ``public_plain``: plain images of the same
+    kind; ``targets_*``: the held-out pairs to reconstruct and score. ``disguised``: unlabelled disguised images for the
     statistics of the last step; without them the first half of the targets plays that part and only
     the second half is scored, so no figure comes from images the attack was fitted on.
     ``init``: the same network at initialisation, when the attacker knows it (the cloud trained the
@@ -266,14 +272,14 @@ def model_leak(
             run_params,
             {},
             "n/a",
-            note=f"not a block-aware model ({type(model).__name__} holds no BlockViT): "
+            note=f"not a block-aware model ({type(model).__name__} holds no BlockViT, BlockConv or BlockResNet): "
             "no per-position embeddings to read",
         )
     if not params.has("rmt") or params.rmt_kind != "orthogonal":
         return AttackResult(
             "model-leak", 1, run_params, {}, "n/a", note="the attack reads orthogonal RMT matrices; the key has none"
         )
-    if tuple(vit.shape) != tuple(params.shape) or tuple(vit.block) != tuple(params.block):
+    if tuple(getattr(vit, "shape", ())) != tuple(params.shape) or tuple(vit.block) != tuple(params.block):
         return AttackResult("model-leak", 1, run_params, {}, "n/a", note="the model's geometry differs from the key's")
 
     tp = as_images(targets_plain, params)
@@ -288,13 +294,14 @@ def model_leak(
     c = params.shape[2]
     # the embeddings on raw disguised values: diag(1 / s) E_j (the normalisation's shift is a bias)
     e = vit.embed_w.detach().double().cpu().numpy()
-    pos = vit.pos.detach().double().cpu().numpy()[0]
+    pos = vit.pos.detach().double().cpu().numpy()[0] if hasattr(vit, "pos") else None
     if init is not None:
         vit0, _ = find_blockvit(init)
         if vit0 is None or vit0.embed_w.shape != vit.embed_w.shape:
             raise ValueError("model_leak: init must be the same block-aware network at initialisation")
         e = e - vit0.embed_w.detach().double().cpu().numpy()
-        pos = pos - vit0.pos.detach().double().cpu().numpy()[0]
+        if pos is not None:
+            pos = pos - vit0.pos.detach().double().cpu().numpy()[0]
         run_params["init_known"] = True
     scale = np.ones(c) if norm is None else norm.std.detach().double().cpu().numpy().ravel()
     f = e / np.tile(scale, params.block_size // c)[None, :, None]
@@ -305,8 +312,11 @@ def model_leak(
     pub = cv.Moments(rows_of(to_blocks(as_images(public_plain, params), params), params))
     dis = cv.Moments(_aligned_rows(stats_images, q, params), noise**2 / 12, 0.0)
     if params.has("perm"):
-        sim = _cosine(pos) + _cosine(aligned)
-        p0 = place_from_model(sim, params)
+        if hasattr(vit, "arrangement"):  # blockresnet stores where each position goes (dkit.placement)
+            p0 = vit.arrangement.detach().cpu().numpy().astype(np.int64)
+            run_params["placement_from"] = "the model's stored arrangement"
+        else:
+            p0 = place_from_model(_cosine(aligned) + (_cosine(pos) if pos is not None else 0), params)
         # the grid symmetries look alike to the similarity graph: keep the one the statistics fit best
         cands = [sym[p0] for sym in grid_symmetries(params)]
         fits = [solve_frame(dis, pub, pc, params) for pc in cands]

@@ -96,7 +96,7 @@ def applicable(params, model_arch: str | None) -> list[str]:
         out.append("jigsaw")
     if "instahide" in p:
         out.append("instahide")
-    if model_arch == "blockvit" and "rmt" in p:
+    if model_arch in ("blockvit", "blockconv", "blockresnet") and "rmt" in p:
         out.append("model-leak")
     return out
 

@@ -210,7 +210,7 @@ class BlockConv(nn.Module):
         bh, bw = block
         if h % bh or w % bw:
             raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
-        self.block, self.grid = tuple(block), (h // bh, w // bw)
+        self.shape, self.block, self.grid = tuple(shape), tuple(block), (h // bh, w // bw)
         t, d = self.grid[0] * self.grid[1], bh * bw * c
         self.embed_w = nn.Parameter(torch.randn(t, d, width) / math.sqrt(d))
         self.embed_b = nn.Parameter(torch.zeros(t, width))
@@ -253,7 +253,7 @@ class BlockResNet(nn.Module):
         bh, bw = block
         if h % bh or w % bw:
             raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
-        self.block, self.grid = tuple(block), (h // bh, w // bw)
+        self.shape, self.block, self.grid = tuple(shape), tuple(block), (h // bh, w // bw)
         self.cells = (cells, cells) if cells else default_cells(block)
         t, d = self.grid[0] * self.grid[1], bh * bw * c
         width = 64
