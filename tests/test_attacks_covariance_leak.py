@@ -97,6 +97,42 @@ def test_covariance_alignment_declines_what_it_does_not_cover():
     assert covariance_attack(x, x, x, x, perm_only).verdict == "n/a"
 
 
+# -- placement from the disguised data alone -------------------------------------------------------
+def smooth(n: int, seed: int) -> np.ndarray:
+    """Grey 16x16 images of a smooth random field cut from a larger one (``synthetic`` wraps around,
+    which makes the left and right edges neighbours: a torus, not a grid)."""
+    z = gaussian_filter(np.random.default_rng(seed).standard_normal((n, 32, 32)), sigma=(0, 2.0, 2.0))
+    return np.clip(128 + 600 * z[:, 8:24, 8:24], 0, 255)[..., None]
+
+
+@pytest.mark.parametrize("kind,channels,noise", [("orthogonal", "joint", 25), ("projection", "joint", 25)])
+def test_placement_attack_recovers_the_permutation_from_disguised_images(kind, channels, noise):
+    """Theory: canonical correlations between positions survive any invertible per-position map, so
+    neighbours are found, and the grid from them, with no plain image and no pair."""
+    from dkit.evaluate.placement_attack import placement_attack
+
+    key = test_key(f"place-{kind}", shape="16x16", block=4, pipeline="perm,rmt", rmt_kind=kind, noise=noise)
+    private, targets = smooth(3000, 2), smooth(200, 3)
+    dis, tdis = disguise(key, private, targets)
+    res = placement_attack(dis, tdis, targets, key.material.params)
+    assert res.attack == "placement" and res.level == 1
+    assert res.figures["placement_accuracy"] == 1.0 and res.baseline["placement_accuracy"] == 1 / 16
+    assert res.verdict == "partial" and "adds nothing to RMT" in res.note
+
+
+def test_placement_attack_finds_nothing_without_neighbour_correlation():
+    from dkit.evaluate.placement_attack import placement_attack
+
+    key = test_key("place-iid", shape="16x16", block=4, pipeline="perm,rmt", noise=25)
+    rng = np.random.default_rng(0)
+    private, targets = rng.uniform(0, 255, (3000, 16, 16, 1)), rng.uniform(0, 255, (200, 16, 16, 1))
+    dis, tdis = disguise(key, private, targets)
+    res = placement_attack(dis, tdis, targets, key.material.params)
+    assert res.figures["placement_accuracy"] < 0.5 and res.verdict == "holds"
+    no_perm = KeyParams.create("16x16", 4, "rmt")
+    assert placement_attack(dis, tdis, targets, no_perm).verdict == "n/a"
+
+
 # -- model leak -----------------------------------------------------------------------------------
 def synthetic_model(key, *, seed: int = 0, std: float = 40.0):
     """A BlockViT whose embeddings are exactly what a perfect leak would give: at disguised position

@@ -24,7 +24,17 @@ from ..engine import Disguise
 from ..errors import InputError, KeyMismatch
 from .common import LEVELS, AttackResult
 
-ATTACKS = ("examiner", "misusability", "kpa", "covariance", "codebook", "jigsaw", "instahide", "model-leak")
+ATTACKS = (
+    "examiner",
+    "misusability",
+    "kpa",
+    "covariance",
+    "placement",
+    "codebook",
+    "jigsaw",
+    "instahide",
+    "model-leak",
+)
 
 
 @dataclass
@@ -90,6 +100,8 @@ def applicable(params, model_arch: str | None) -> list[str]:
         out.append("misusability")
     if "rmt" in p:
         out += ["kpa", "covariance"]
+        if "perm" in p:
+            out.append("placement")
     if "aes" in p:
         out.append("codebook")
     if p == {"perm"}:
@@ -210,6 +222,10 @@ def evaluate(
             from .covariance import covariance_attack
 
             ev.results.append(covariance_attack(cloud, public, targets_d, targets, params, level=3))
+        elif name == "placement":
+            from .placement_attack import placement_attack
+
+            ev.results.append(placement_attack(cloud, targets_d, targets, params))
         elif name == "codebook":
             from .codebook import codebook, frequency
 
