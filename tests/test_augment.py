@@ -146,3 +146,29 @@ def test_training_visits_each_image_once_per_epoch(tmp_path):
     assert metrics["train_rows"] == 4 * metrics["train_images"]
     assert metrics["train_images"] + metrics["val_rows"] == 40  # val: one row (copy 0) per image
     assert max(s for s in steps if s) == -(-metrics["train_images"] // 8)
+
+
+def test_the_copies_attack_averages_views_of_the_same_image(tmp_path):
+    """Without --augment every copy is a view of the same plain image: T views cut the noise by
+    sqrt(T). Augmented copies repeat the plain image only on a 'no flip, no shift' draw."""
+    from dkit.evaluate.copies_attack import copies_attack
+
+    folder = make_folder(tmp_path / "src", classes=("a", "b"), per_class=40, shape=(32, 32, 3))
+    key = test_key("views", shape="32x32x3", block="4", pipeline="perm,rmt", noise=20)
+    plain_copies, augmented = tmp_path / "p.h5", tmp_path / "a.h5"
+    disguise_source(open_source(folder), plain_copies, key, Options(workers=0, encodings=4))
+    disguise_source(open_source(folder), augmented, key, Options(workers=0, encodings=4, augment=("flip", "crop")))
+    res = copies_attack(plain_copies, inspect(plain_copies), key.params)
+    assert res.figures["views_averaged"] == 4 and res.figures["effective_noise"] == pytest.approx(10.0)
+    assert res.verdict == "partial" and res.params["images"] == 80
+    from dkit.evaluate import Settings, evaluate
+
+    ev = evaluate(plain_copies, key, open_source(folder), settings=Settings(attacks=("copies", "kpa"), pairs=(1,)))
+    assert [r.attack for r in ev.results if r.attack == "copies"] == ["copies"]
+    assert ev.find("copies")[0].figures["views_averaged"] == 4
+    res = copies_attack(augmented, inspect(augmented), key.params)
+    assert res.figures["views_averaged"] < 1.2 and res.verdict == "holds"
+    assert res.params["augment"] == "flip,crop"
+    single = tmp_path / "s.h5"
+    disguise_source(open_source(folder), single, key, Options(workers=0))
+    assert copies_attack(single, inspect(single), key.params).verdict == "n/a"

@@ -80,6 +80,39 @@ def test_blockresnet_absorbs_the_key_exactly(pipeline, channels):
         assert not torch.allclose(scrambled, p, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("pipeline", ["rmt", "perm,rmt"])
+def test_blockvit_absorbs_the_key_exactly(pipeline):
+    """BlockViT: per-position embeddings absorb the matrices (E_perm[j] = M_j E'_j), its position
+    embeddings the permutation (pos'_j = pos_perm[j]); attention and the class token do not care
+    about token order. The same function on plain images, noise 0."""
+    from dkit.models.nets import BlockViT
+
+    shape, block, grid, t, d = (16, 16, 3), (4, 4), (4, 4), 16, 48
+    key = test_key(f"vit-absorb-{pipeline}", shape="16x16x3", block="4", pipeline=pipeline)
+    dis = Disguise.from_key(key)
+    perm = np.array(key.material.perm) if key.material.perm is not None else np.arange(t)
+
+    def blocks(images):
+        return to_blocks(images.permute(0, 3, 1, 2), block, grid)
+
+    offset = blocks(torch.from_numpy(dis.reference(np.zeros((1, *shape)))))[:, 0]
+    basis = _from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), block, grid)
+    mt = blocks(torch.from_numpy(dis.reference(basis.numpy()))) - offset[:, None]
+    torch.manual_seed(0)
+    on_disguised = BlockViT(shape, block, 7, dim=32, depth=2, heads=4).double().eval()
+    on_plain = copy.deepcopy(on_disguised)
+    with torch.no_grad():
+        e = on_disguised.embed_w
+        on_plain.embed_w[perm] = torch.bmm(mt, e)
+        on_plain.embed_b[perm] = on_disguised.embed_b + torch.einsum("td,tdk->tk", offset, e)
+        on_plain.pos[0, perm] = on_disguised.pos[0]
+    x = torch.rand(5, *shape, dtype=torch.float64) * 255
+    with torch.no_grad():
+        a = on_disguised(torch.from_numpy(dis.reference(x.numpy())).permute(0, 3, 1, 2))
+        p = on_plain(x.permute(0, 3, 1, 2))
+    torch.testing.assert_close(a, p, rtol=1e-9, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "block,kw",
     [(4, {"noise": 25}), (4, {"noise": 25, "rmt_kind": "projection"}), (2, {"noise": 25, "channels": "shared"})],

@@ -30,6 +30,7 @@ ATTACKS = (
     "kpa",
     "covariance",
     "placement",
+    "copies",
     "codebook",
     "jigsaw",
     "instahide",
@@ -148,6 +149,8 @@ def evaluate(
     if unknown:
         raise InputError(f"unknown attack {unknown[0]!r}: choose all or any of " + ", ".join(ATTACKS))
     todo = [a for a in applicable(params, model_meta.arch if model_meta else None) if a in s.attacks]
+    if meta.encodings > 1 and not params.has("instahide") and "copies" in s.attacks:
+        todo.append("copies")  # --copies: several noisy views of each image
 
     opts = meta.options or {}
     policy = Policy(
@@ -222,6 +225,10 @@ def evaluate(
             from .covariance import covariance_attack
 
             ev.results.append(covariance_attack(cloud, public, targets_d, targets, params, level=3))
+        elif name == "copies":
+            from .copies_attack import copies_attack
+
+            ev.results.append(copies_attack(data, meta, params))
         elif name == "placement":
             from .placement_attack import placement_attack
 
