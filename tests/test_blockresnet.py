@@ -182,3 +182,5 @@ def test_train_without_arch_picks_blockresnet_and_predict_uses_it(cli, tmp_path)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["labelled"] == 16 and 0.0 <= doc["accuracy"] <= 1.0
+    r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "n"), "--arch", "blockresnet", "--epochs", "1")
+    assert r.exit_code == 0, r.output  # and it can be named

@@ -24,14 +24,19 @@ ARCH_NAMES = (
     "resnet18",
     "blockvit",
     "blockconv",
+    "blockresnet",
 )  # dkit.models.nets.ARCHS, named here to keep torch out of start-up
 
 
 def train(
     data: Path = typer.Argument(..., help="A disguised HDF5 file (dkit disguise)."),
     output: Path = typer.Option(..., "-o", "--output", help="The model folder to write."),
-    arch: Literal["auto", "cnn", "resnet18", "blockvit", "blockconv"] = typer.Option(
-        "auto", "--arch", help="auto (blockvit for block disguises, else cnn), " + ", ".join(ARCH_NAMES) + "."
+    arch: Literal["auto", "cnn", "resnet18", "blockvit", "blockconv", "blockresnet"] = typer.Option(
+        "auto",
+        "--arch",
+        help="auto (resnet18 for plain and InstaHide images, blockresnet for block disguises), "
+        + ", ".join(ARCH_NAMES)
+        + ".",
     ),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training data."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per training step."),
