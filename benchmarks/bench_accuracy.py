@@ -29,6 +29,7 @@ from dkit.data import Options, disguise_source, open_source
 from dkit.keystore import Keystore, MemoryBackend
 from dkit.models import TrainOptions, predict, train
 from dkit.params import KeyParams
+from dkit.placement import placement_accuracy
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -49,6 +50,14 @@ MNIST = [
     ("identity / blockvit", dict(pipeline="identity"), "blockvit", {}, 10, {}),
     ("aes 7x7 per-block / cnn", dict(pipeline="aes"), "cnn", {}, 10, {}),
     ("instahide k=4, T=1 / cnn", dict(pipeline="instahide", k=4), "cnn", {}, 10, {}),
+    (
+        "rmt 7x7 noise 100 (paper: per-channel) / blockresnet",
+        dict(pipeline="rmt", noise=100, channels="shared"),
+        "blockresnet",
+        {},
+        10,
+        {},
+    ),
 ]
 CIFAR = [
     ("identity / blockvit", dict(pipeline="identity"), "blockvit", {}, 15, {}),
@@ -56,6 +65,33 @@ CIFAR = [
     ("identity / resnet18", dict(pipeline="identity"), "resnet18", {}, 15, {}),
     ("perm+rmt 4x4 joint noise 25 / resnet18", dict(pipeline="perm,rmt", noise=25), "resnet18", {}, 15, {}),
     ("rmt 4x4 joint noise 25 / blockconv", dict(pipeline="rmt", noise=25), "blockconv", {}, 15, {}),
+    # issue 11's table: rows 2-5 against "identity / resnet18" (row 1)
+    ("rmt 4x4 joint noise 25 / blockresnet", dict(pipeline="rmt", noise=25), "blockresnet", {}, 15, {}),
+    ("perm+rmt 4x4 joint noise 25 / blockresnet", dict(pipeline="perm,rmt", noise=25), "blockresnet", {}, 15, {}),
+    (
+        "perm+rmt 2x2 shared noise 25 (papers) / blockresnet",
+        dict(pipeline="perm,rmt", noise=25, channels="shared", block=2),
+        "blockresnet",
+        {},
+        15,
+        {},
+    ),
+    (
+        "rmt 4x4 joint noise 25, augment flip,crop x4 / blockresnet",
+        dict(pipeline="rmt", noise=25),
+        "blockresnet",
+        {},
+        15,
+        {"augment": "flip,crop", "copies": 4},
+    ),
+    (
+        "perm+rmt 4x4 joint noise 25, augment flip,crop x4 / blockresnet",
+        dict(pipeline="perm,rmt", noise=25),
+        "blockresnet",
+        {},
+        15,
+        {"augment": "flip,crop", "copies": 4},
+    ),
     ("perm+aes 4x4 per-block / blockvit", dict(pipeline="perm,aes"), "blockvit", {}, 15, {}),
     ("instahide k=4, T=1 / resnet18", dict(pipeline="instahide", k=4), "resnet18", {}, 15, {}),
     ("identity / blockvit, mixup 0.2", dict(pipeline="identity"), "blockvit", {}, 15, {}, {"mixup": 0.2}),
@@ -106,7 +142,7 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
         if row_key in results["rows"]:
             continue
         key_name = f"{name}-{len(ks.list())}"
-        params = KeyParams.create(shape, block, kw.pop("pipeline"), **kw)
+        params = KeyParams.create(shape, kw.pop("block", block), kw.pop("pipeline"), **kw)
         ks.keygen(key_name, params)
         key = ks.load(key_name)
         t0 = time.perf_counter()
@@ -123,6 +159,12 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
             for n_samples in (4, 16):  # the owner may average over fresh noise
                 by_samples[n_samples] = predict(model_dir, open_source(test_dir), key, samples=n_samples)["accuracy"]
         epoch_s = [e["seconds"] for e in metrics["epochs"]]
+        placed = None
+        if metrics.get("placement"):  # the arrangement the model estimated, scored against the key
+            from safetensors.torch import load_file
+
+            cells = next(v for k, v in load_file(str(model_dir / "model.safetensors")).items() if "arrangement" in k)
+            placed = placement_accuracy(cells.numpy(), key.material.perm, params.grid)
         results["rows"][row_key] = {
             "set": name,
             "case": label,
@@ -140,6 +182,7 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
             "epoch_seconds_median": statistics.median(epoch_s),
             "train_img_s_median": statistics.median(e["images_per_second"] for e in metrics["epochs"]),
             "disguise_seconds": t_dis,
+            "placement_accuracy": placed,
         }
         out.write_text(json.dumps(results, indent=2))
         r = results["rows"][row_key]

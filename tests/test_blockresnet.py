@@ -42,7 +42,7 @@ def test_blockresnet_absorbs_the_key_exactly(pipeline, channels):
     t, d = 16, 48
     key = test_key(f"absorb-{pipeline}-{channels}", shape="16x16x3", block="4", pipeline=pipeline, channels=channels)
     dis = Disguise.from_key(key)
-    perm = key.material.perm if key.material.perm is not None else np.arange(t)
+    perm = np.array(key.material.perm) if key.material.perm is not None else np.arange(t)
 
     def disguise(images):  # (N, H, W, C) float64, through the spec's plain computation
         return torch.from_numpy(dis.reference(images.numpy()))
