@@ -125,7 +125,15 @@ def split_folder(src: Path, dest: Path, train_share: float = 0.8) -> tuple[Path,
     return tr, te
 
 
-def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | None, epochs: int | None) -> None:
+def run_set(
+    name: str,
+    work: Path,
+    results: dict,
+    out: Path,
+    only: set[str] | None,
+    epochs: int | None,
+    noise_samples: tuple[int, ...] = (4, 16),
+) -> None:
     archive, shape, block, cases = SETS[name]
     folder = work / archive
     if not folder.exists():
@@ -156,7 +164,7 @@ def run_set(name: str, work: Path, results: dict, out: Path, only: set[str] | No
         pred = predict(model_dir, open_source(test_dir), key)
         by_samples = {}
         if not params.has("identity") and not params.has("instahide"):
-            for n_samples in (4, 16):  # the owner may average over fresh noise
+            for n_samples in noise_samples:  # the owner may average over fresh noise
                 by_samples[n_samples] = predict(model_dir, open_source(test_dir), key, samples=n_samples)["accuracy"]
         epoch_s = [e["seconds"] for e in metrics["epochs"]]
         placed = None
@@ -213,6 +221,9 @@ def main():
     ap.add_argument("--out", default="accuracy-results.json")
     ap.add_argument("--only", default=None, help="Comma-separated substrings of the cases to run.")
     ap.add_argument("--epochs", type=int, default=None, help="Epochs for every case (default: each case's).")
+    ap.add_argument(
+        "--noise-samples", default="4,16", help="Also predict averaging these many noise draws ('' for none)."
+    )
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path("/tmp/dkit-bench-accuracy")
     work.mkdir(parents=True, exist_ok=True)
@@ -226,7 +237,8 @@ def main():
     }
     only = set(args.only.split(",")) if args.only else None
     for name in args.datasets.split(","):
-        run_set(name, work, results, out, only, args.epochs)
+        samples = tuple(int(v) for v in args.noise_samples.split(",") if v)
+        run_set(name, work, results, out, only, args.epochs, samples)
     table(results)
 
 

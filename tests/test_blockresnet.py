@@ -184,3 +184,16 @@ def test_train_without_arch_picks_blockresnet_and_predict_uses_it(cli, tmp_path)
     assert doc["labelled"] == 16 and 0.0 <= doc["accuracy"] <= 1.0
     r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "n"), "--arch", "blockresnet", "--epochs", "1")
     assert r.exit_code == 0, r.output  # and it can be named
+
+
+def test_the_arrangement_is_estimated_within_bounds(monkeypatch):
+    from dkit.models import training
+
+    x = torch.rand(50, 1, 8, 8)
+    cells, info = training.estimate_arrangement(x, (2, 2), (4, 4), seed=0)
+    assert sorted(cells.tolist()) == list(range(16)) and info["estimated_from_rows"] == 50
+    monkeypatch.setattr(training, "PLACEMENT_VALUES", 64 * 300)  # 300 images' worth of values
+    _, info = training.estimate_arrangement(torch.rand(1000, 1, 8, 8), (2, 2), (4, 4), seed=0)
+    assert info["estimated_from_rows"] == 300
+    cells, info = training.estimate_arrangement(torch.rand(2, 1, 1, 4097), (1, 1), (1, 4097), seed=0)
+    assert cells is None and "4097 block positions" in info["skipped"]

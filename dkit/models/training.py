@@ -37,7 +37,8 @@ DEFAULT_ARCH_PARAMS = {
     "blockconv": {"width": 128, "depth": 4},
     "blockresnet": {},
 }
-PLACEMENT_ROWS = 20_000  # training rows the arrangement of a permuting key is estimated from
+PLACEMENT_ROWS = 20_000  # training rows the arrangement of a permuting key is estimated from,
+PLACEMENT_VALUES = 1 << 27  # and at most this many values of them (512 MiB as float32)
 
 
 @dataclass
@@ -70,20 +71,29 @@ def auto_arch(params) -> str:
     return "resnet18"
 
 
-def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch.Tensor, float]:
-    """The grid cell of each stored block position, from training images (N, C, H, W) alone
-    (``dkit.placement``), and the seconds it took."""
-    from ..placement import place_positions
+def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch.Tensor | None, dict]:
+    """The grid cell of each stored block position from training images (N, C, H, W) alone
+    (``dkit.placement``), and what to record of it. None (and why) when there are too many
+    positions to place: the model then sees the blocks where the key put them."""
+    from ..placement import MAX_POSITIONS, place_positions
     from .nets import to_blocks
 
+    t = grid[0] * grid[1]
+    if t > MAX_POSITIONS:
+        return None, {"skipped": f"{t} block positions, more than the {MAX_POSITIONS} dkit places"}
     t0 = time.perf_counter()
+    per_image = math.prod(x.shape[1:])
+    n = min(len(x), PLACEMENT_ROWS, max(256, PLACEMENT_VALUES // per_image))  # bounded memory
     rows = x
-    if len(x) > PLACEMENT_ROWS:
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:PLACEMENT_ROWS]
+    if len(x) > n:
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
         rows = x[pick.sort().values]
     blocks = to_blocks(rows.float(), block, grid).permute(1, 0, 2).numpy()
     cells = place_positions(blocks, grid)
-    return torch.from_numpy(cells.astype(np.int64)), time.perf_counter() - t0
+    return torch.from_numpy(cells.astype(np.int64)), {
+        "estimated_from_rows": len(rows),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def pick_device(name: str) -> torch.device:
@@ -278,9 +288,9 @@ def train(
     placement = None
     if arch == "blockresnet" and meta.params.has("perm"):
         plain_copies = x_tr if picker is None else x_tr[picker.firsts()]
-        cells, seconds = estimate_arrangement(plain_copies, meta.params.block, model[1].grid, options.seed)
-        model[1].arrangement.copy_(cells)
-        placement = {"estimated_from_rows": min(len(plain_copies), PLACEMENT_ROWS), "seconds": round(seconds, 3)}
+        cells, placement = estimate_arrangement(plain_copies, meta.params.block, model[1].grid, options.seed)
+        if cells is not None:
+            model[1].arrangement.copy_(cells)
     model = model.to(device)
     if device.type == "cuda" and arch != "blockvit":
         model = model.to(memory_format=torch.channels_last)
