@@ -34,7 +34,7 @@ def evaluate(
         "all",
         "--attacks",
         help="all, or a comma list of: examiner, misusability, kpa, "
-        "covariance, placement, copies, codebook, jigsaw, instahide, model-leak.",
+        "covariance, placement, thumbnail, copies, codebook, jigsaw, instahide, model-leak.",
     ),
     pairs: str = typer.Option("1,10,100", "--pairs", help="Known pairs m for the level-2 attacks (comma list)."),
     targets: int = typer.Option(200, "--targets", min=20, help="Held-out images every figure is measured on."),

@@ -30,6 +30,7 @@ ATTACKS = (
     "kpa",
     "covariance",
     "placement",
+    "thumbnail",
     "copies",
     "codebook",
     "jigsaw",
@@ -103,6 +104,8 @@ def applicable(params, model_arch: str | None) -> list[str]:
         out += ["kpa", "covariance"]
         if "perm" in p:
             out.append("placement")
+        if params.rmt_kind == "orthogonal" and not p & {"aes", "instahide"}:
+            out.append("thumbnail")
     if "aes" in p:
         out.append("codebook")
     if p == {"perm"}:
@@ -225,6 +228,10 @@ def evaluate(
             from .covariance import covariance_attack
 
             ev.results.append(covariance_attack(cloud, public, targets_d, targets, params, level=3))
+        elif name == "thumbnail":
+            from .thumbnail_attack import thumbnail_attack
+
+            ev.results.append(thumbnail_attack(cloud, targets_d, targets, params, public=public))
         elif name == "copies":
             from .copies_attack import copies_attack
 
