@@ -168,7 +168,7 @@ def run_set(
                 by_samples[n_samples] = predict(model_dir, open_source(test_dir), key, samples=n_samples)["accuracy"]
         epoch_s = [e["seconds"] for e in metrics["epochs"]]
         placed = None
-        if metrics.get("placement"):  # the arrangement the model estimated, scored against the key
+        if metrics.get("placement") and params.has("perm"):  # the estimated arrangement, scored against the key
             from safetensors.torch import load_file
 
             cells = next(v for k, v in load_file(str(model_dir / "model.safetensors")).items() if "arrangement" in k)
@@ -219,7 +219,11 @@ def main():
     ap.add_argument("--datasets", default="mnist,cifar")
     ap.add_argument("--work", default=None, help="Working folder (kept, so a rerun skips finished cases).")
     ap.add_argument("--out", default="accuracy-results.json")
-    ap.add_argument("--only", default=None, help="Comma-separated substrings of the cases to run.")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="Substrings of the cases to run, comma-separated (or |-separated when they hold commas).",
+    )
     ap.add_argument("--epochs", type=int, default=None, help="Epochs for every case (default: each case's).")
     ap.add_argument(
         "--noise-samples", default="4,16", help="Also predict averaging these many noise draws ('' for none)."
@@ -235,7 +239,7 @@ def main():
         "python": sys.version.split()[0],
         "cuda": torch.cuda.is_available(),
     }
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only.split("|" if "|" in args.only else ",")) if args.only else None
     for name in args.datasets.split(","):
         samples = tuple(int(v) for v in args.noise_samples.split(",") if v)
         run_set(name, work, results, out, only, args.epochs, samples)

@@ -114,3 +114,40 @@ def placement_accuracy(estimate: np.ndarray, truth: np.ndarray, grid: tuple[int,
     """The share of positions placed right, under the grid symmetry that fits best (the data cannot
     tell an image from its mirror)."""
     return max(float(np.mean(sym[estimate] == truth)) for sym in grid_symmetries(grid))
+
+
+def align_positions(blocks: np.ndarray, cells: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Per-position maps A_j (t, d, d) that bring every stored position's values into one common
+    frame, from ``blocks`` (n, t, d) alone: the eigenvectors of position j's covariance, strongest
+    first. An orthogonal key R_j turns the plain block's eigenvectors by R_j, so ``y_j A_j`` is
+    the plain block in its own principal frame at every position, up to the sign of each component
+    (and mixing where eigenvalues coincide). Signs: the first component's from the mean block (the
+    brightness, positive), the others' from the correlation with the neighbouring cells' same
+    component (``cells[j]``: position j's grid cell), spread over the grid from one corner."""
+    n, t, d = blocks.shape
+    gh, gw = grid
+    mean = blocks.mean(axis=0)
+    vecs = np.empty((t, d, d))
+    proj = np.empty((n, t, d), dtype=np.float32)
+    for j in range(t):
+        x = blocks[:, j].astype(np.float64) - mean[j]
+        _, v = np.linalg.eigh(x.T @ x / max(1, n - 1))
+        v = v[:, ::-1]
+        v[:, 0] *= 1.0 if mean[j] @ v[:, 0] >= 0 else -1.0
+        vecs[j] = v
+        proj[:, j] = x @ v
+    at = np.empty(t, dtype=np.int64)
+    at[cells] = np.arange(t)  # the position at each cell
+    sign = np.zeros((t, d))
+    sign[at[0]] = 1.0
+    queue = [0]
+    for cell in queue:
+        r, c = divmod(cell, gw)
+        for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if 0 <= rr < gh and 0 <= cc < gw and not sign[at[rr * gw + cc]].any():
+                a, b = at[cell], at[rr * gw + cc]
+                corr = (proj[:, a] * proj[:, b]).mean(axis=0)
+                sign[b] = sign[a] * np.where(corr < 0, -1.0, 1.0)
+                sign[b, 0] = 1.0  # set by the mean
+                queue.append(rr * gw + cc)
+    return vecs * sign[:, None, :]

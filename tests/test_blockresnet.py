@@ -31,10 +31,11 @@ def _from_blocks(b, block, grid):
     return b.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, gh * bh, gw * bw, c)
 
 
+@pytest.mark.parametrize("stem", [0, 1])
 @pytest.mark.parametrize(
     "pipeline,channels", [("rmt", "joint"), ("perm,rmt", "joint"), ("perm,rmt", "shared"), ("perm", "joint")]
 )
-def test_blockresnet_absorbs_the_key_exactly(pipeline, channels):
+def test_blockresnet_absorbs_the_key_exactly(pipeline, channels, stem):
     """The same function: blockresnet on disguised images (noise 0) with arrangement = the key's
     permutation equals blockresnet with the identity arrangement and the key folded into its stem
     (W_perm[j] = M_j E_j, the offset into the bias) on plain images."""
@@ -57,7 +58,10 @@ def test_blockresnet_absorbs_the_key_exactly(pipeline, channels):
     assert pipeline == "rmt" or not np.array_equal(perm, np.arange(t))  # a real permutation
 
     torch.manual_seed(0)
-    on_disguised = BlockResNet(shape, block, 7).double().eval()
+    on_disguised = BlockResNet(shape, block, 7, shared=stem).double().eval()
+    if stem:  # a shared stem W behind per-position maps A_j: start them away from the identity
+        with torch.no_grad():
+            on_disguised.align.add_(torch.randn_like(on_disguised.align) * 0.3)
     for m in on_disguised.modules():  # non-trivial running statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
@@ -65,8 +69,11 @@ def test_blockresnet_absorbs_the_key_exactly(pipeline, channels):
     on_plain = copy.deepcopy(on_disguised)
     with torch.no_grad():
         on_disguised.arrangement.copy_(torch.from_numpy(np.array(perm)))
-        e, b = on_disguised.embed_w, on_disguised.embed_b
-        on_plain.embed_w[perm] = torch.bmm(mt, e)
+        e, b = on_disguised.embeddings(), on_disguised.embed_b
+        if stem:  # E_j = A_j W: fold the key into A_j, W stays shared
+            on_plain.align[perm] = torch.bmm(mt, on_disguised.align)
+        else:
+            on_plain.embed_w[perm] = torch.bmm(mt, e)
         on_plain.embed_b[perm] = b + torch.einsum("td,tdk->tk", offset, e)
     x = torch.rand(5, *shape, dtype=torch.float64) * 255
     with torch.no_grad():

@@ -293,13 +293,14 @@ def model_leak(
         run_params["disguised_images"] = int(len(stats_images))
     c = params.shape[2]
     # the embeddings on raw disguised values: diag(1 / s) E_j (the normalisation's shift is a bias)
-    e = vit.embed_w.detach().double().cpu().numpy()
+    e = (vit.embeddings() if hasattr(vit, "embeddings") else vit.embed_w).detach().double().cpu().numpy()
     pos = vit.pos.detach().double().cpu().numpy()[0] if hasattr(vit, "pos") else None
     if init is not None:
         vit0, _ = find_blockvit(init)
-        if vit0 is None or vit0.embed_w.shape != vit.embed_w.shape:
+        e0 = vit0.embeddings() if hasattr(vit0, "embeddings") else getattr(vit0, "embed_w", None)
+        if vit0 is None or e0 is None or e0.shape != e.shape:
             raise ValueError("model_leak: init must be the same block-aware network at initialisation")
-        e = e - vit0.embed_w.detach().double().cpu().numpy()
+        e = e - e0.detach().double().cpu().numpy()
         if pos is not None:
             pos = pos - vit0.pos.detach().double().cpu().numpy()[0]
         run_params["init_known"] = True

@@ -48,7 +48,7 @@ ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int
         "dropout": (float, 0.0, 1.0),
     },
     "blockconv": {"width": (int, 1, MAX_WIDTH), "depth": (int, 1, MAX_CONV_DEPTH), "dropout": (float, 0.0, 1.0)},
-    "blockresnet": {"cells": (int, 1, MAX_CELLS)},
+    "blockresnet": {"cells": (int, 1, MAX_CELLS), "shared": (int, 0, 1)},
 }
 
 
@@ -245,7 +245,7 @@ class BlockResNet(nn.Module):
     training images (``dkit.placement``): when it is the key's permutation up to a grid symmetry, the
     network absorbs perm + RMT exactly. The arrangement is a buffer, stored with the weights."""
 
-    def __init__(self, shape, block, num_classes, *, cells: int | None = None):
+    def __init__(self, shape, block, num_classes, *, cells: int | None = None, shared: int = 0):
         super().__init__()
         from torchvision.models import resnet18 as tv_resnet18
 
@@ -258,7 +258,12 @@ class BlockResNet(nn.Module):
         t, d = self.grid[0] * self.grid[1], bh * bw * c
         width = 64
         out = self.cells[0] * self.cells[1] * width
-        self.embed_w = nn.Parameter(torch.randn(t, d, out) * math.sqrt(2.0 / d))
+        self.shared = bool(shared)
+        if self.shared:  # E_j = A_j W: a d x d map per position, one stem W for all
+            self.align = nn.Parameter(torch.eye(d).repeat(t, 1, 1))
+            self.stem_w = nn.Parameter(torch.randn(d, out) * math.sqrt(2.0 / d))
+        else:
+            self.embed_w = nn.Parameter(torch.randn(t, d, out) * math.sqrt(2.0 / d))
         self.embed_b = nn.Parameter(torch.zeros(t, out))
         self.register_buffer("arrangement", torch.arange(t))
         self.stem_norm = nn.BatchNorm2d(width)
@@ -269,10 +274,14 @@ class BlockResNet(nn.Module):
     def stem(self, x):
         """(N, C, H, W) -> (N, 64, GH x cells, GW x cells), stored position j at cell arrangement[j]."""
         n = x.shape[0]
-        tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.embed_w) + self.embed_b[:, None]
+        tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.embeddings()) + self.embed_b[:, None]
         tokens = tokens[torch.argsort(self.arrangement)]  # grid cell order
         (gh, gw), (sh, sw) = self.grid, self.cells
         return tokens.view(gh, gw, n, sh, sw, -1).permute(2, 5, 0, 3, 1, 4).reshape(n, -1, gh * sh, gw * sw)
+
+    def embeddings(self) -> torch.Tensor:
+        """(t, d, out): each stored position's stem matrix."""
+        return torch.matmul(self.align, self.stem_w) if self.shared else self.embed_w
 
     def forward(self, x):
         return self.head(self.trunk(F.relu(self.stem_norm(self.stem(x)))))

@@ -96,6 +96,20 @@ def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch
     }
 
 
+def estimate_alignment(x: torch.Tensor, block, grid, arrangement: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The initial per-position maps of blockresnet's shared stem (``dkit.placement.align_positions``),
+    from up to 5,000 training images alone."""
+    from ..placement import align_positions
+    from .nets import to_blocks
+
+    t0 = time.perf_counter()
+    n = min(len(x), 5000, max(256, PLACEMENT_VALUES // math.prod(x.shape[1:])))
+    rows = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n].sort().values]
+    blocks = to_blocks(rows.float(), block, grid).permute(1, 0, 2).numpy()
+    a = align_positions(blocks, arrangement.numpy(), grid)
+    return torch.from_numpy(a.astype(np.float32)), {"rows": len(rows), "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,6 +305,11 @@ def train(
         cells, placement = estimate_arrangement(plain_copies, meta.params.block, model[1].grid, options.seed)
         if cells is not None:
             model[1].arrangement.copy_(cells)
+    if arch == "blockresnet" and model[1].shared and meta.params.has("rmt"):
+        plain_copies = x_tr if picker is None else x_tr[picker.firsts()]
+        align, info = estimate_alignment(plain_copies, meta.params.block, model[1].grid, model[1].arrangement)
+        model[1].align.data.copy_(align)
+        placement = {**(placement or {}), "alignment": info}
     model = model.to(device)
     if device.type == "cuda" and arch != "blockvit":
         model = model.to(memory_format=torch.channels_last)
