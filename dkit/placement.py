@@ -123,7 +123,8 @@ def align_positions(blocks: np.ndarray, cells: np.ndarray, grid: tuple[int, int]
     the plain block in its own principal frame at every position, up to the sign of each component
     (and mixing where eigenvalues coincide). Signs: the first component's from the mean block (the
     brightness, positive), the others' from the correlation with the neighbouring cells' same
-    component (``cells[j]``: position j's grid cell), spread over the grid from one corner."""
+    component (``cells[j]``: position j's grid cell), made consistent over the whole grid at once
+    (the top eigenvector of each component's signed neighbour graph)."""
     n, t, d = blocks.shape
     gh, gw = grid
     mean = blocks.mean(axis=0)
@@ -138,16 +139,17 @@ def align_positions(blocks: np.ndarray, cells: np.ndarray, grid: tuple[int, int]
         proj[:, j] = x @ v
     at = np.empty(t, dtype=np.int64)
     at[cells] = np.arange(t)  # the position at each cell
-    sign = np.zeros((t, d))
-    sign[at[0]] = 1.0
-    queue = [0]
-    for cell in queue:
+    scale = proj.std(axis=0) + 1e-12  # (t, d)
+    w = np.zeros((d, t, t))  # per component: neighbours' correlations
+    for cell in range(t):
         r, c = divmod(cell, gw)
-        for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
-            if 0 <= rr < gh and 0 <= cc < gw and not sign[at[rr * gw + cc]].any():
+        for rr, cc in ((r + 1, c), (r, c + 1)):
+            if rr < gh and cc < gw:
                 a, b = at[cell], at[rr * gw + cc]
-                corr = (proj[:, a] * proj[:, b]).mean(axis=0)
-                sign[b] = sign[a] * np.where(corr < 0, -1.0, 1.0)
-                sign[b, 0] = 1.0  # set by the mean
-                queue.append(rr * gw + cc)
+                corr = (proj[:, a] * proj[:, b]).mean(axis=0) / (scale[a] * scale[b])
+                w[:, a, b] = w[:, b, a] = corr
+    sign = np.ones((t, d))
+    for p in range(1, d):  # sign synchronisation: the top eigenvector of the signed neighbour graph
+        e = np.linalg.eigh(w[p])[1][:, -1]
+        sign[:, p] = np.where(e < 0, -1.0, 1.0)
     return vecs * sign[:, None, :]

@@ -204,3 +204,33 @@ def test_the_arrangement_is_estimated_within_bounds(monkeypatch):
     assert info["estimated_from_rows"] == 300
     cells, info = training.estimate_arrangement(torch.rand(2, 1, 1, 4097), (1, 1), (1, 4097), seed=0)
     assert cells is None and "4097 block positions" in info["skipped"]
+
+
+def test_alignment_brings_every_position_into_one_frame(cifar_folder, tmp_path):
+    """align_positions on disguised CIFAR (orthogonal RMT, noise 25) finds at each position the
+    plain block's principal components: the top ten match those of the plain images with |corr| >
+    0.9 at most positions, each with one sign across the grid (the sign of a component is the one
+    thing left, and it is shared)."""
+    from dkit.data import decode_all
+    from dkit.data.decode import Policy
+    from dkit.placement import align_positions
+
+    src = open_source(subset(cifar_folder, tmp_path / "src", per_class=500))
+    x = decode_all(src, Policy((32, 32, 3))).astype(np.float64)
+    key = test_key("align", shape=(32, 32, 3), block=4, pipeline="rmt", noise=25)
+    y = Disguise.from_key(key).apply(x)
+
+    def blocks(a):
+        return to_blocks(torch.from_numpy(a).permute(0, 3, 1, 2), (4, 4), (8, 8)).permute(1, 0, 2).numpy()
+
+    yb, xb = blocks(y), blocks(x)
+    cells = np.arange(64)
+    u = np.einsum("ntd,tde->nte", yb - yb.mean(0), align_positions(yb, cells, (8, 8)))
+    w = np.einsum("ntd,tde->nte", xb - xb.mean(0), align_positions(xb, cells, (8, 8)))
+    for p in range(10):
+        c = np.array([np.corrcoef(u[:, j, p], w[:, j, p])[0, 1] for j in range(64)])
+        assert np.median(np.abs(c)) > 0.95, p
+        assert max((c > 0.9).mean(), (c < -0.9).mean()) >= 0.7, p  # one sign at most positions
+    # the brightness component keeps its sign everywhere: it is set by the mean block
+    c0 = np.array([np.corrcoef(u[:, j, 0], w[:, j, 0])[0, 1] for j in range(64)])
+    assert (c0 > 0.99).all()
