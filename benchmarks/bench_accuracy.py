@@ -82,7 +82,7 @@ CIFAR = [
         "blockresnet",
         {},
         15,
-        {"augment": "flip,crop", "copies": 4},
+        {"augment": "flip,crop", "encodings": 4},
     ),
     (
         "perm+rmt 4x4 joint noise 25, augment flip,crop x4 / blockresnet",
@@ -90,7 +90,7 @@ CIFAR = [
         "blockresnet",
         {},
         15,
-        {"augment": "flip,crop", "copies": 4},
+        {"augment": "flip,crop", "encodings": 4},
     ),
     ("perm+aes 4x4 per-block / blockvit", dict(pipeline="perm,aes"), "blockvit", {}, 15, {}),
     ("instahide k=4, T=1 / resnet18", dict(pipeline="instahide", k=4), "resnet18", {}, 15, {}),
