@@ -35,7 +35,17 @@ class Grid:
     epochs: int = 3
     arch: str = "auto"
     max_images: int = 4000
-    attacks: tuple[str, ...] = ("examiner", "misusability", "kpa", "covariance", "codebook", "jigsaw", "instahide")
+    attacks: tuple[str, ...] = (
+        "examiner",
+        "misusability",
+        "kpa",
+        "covariance",
+        "placement",
+        "thumbnail",
+        "codebook",
+        "jigsaw",
+        "instahide",
+    )
     pairs: tuple[int, ...] = (10,)
     seed: int = 0
 
