@@ -124,7 +124,8 @@ def align_positions(blocks: np.ndarray, cells: np.ndarray, grid: tuple[int, int]
     (and mixing where eigenvalues coincide). Signs: the first component's from the mean block (the
     brightness, positive), the others' from the correlation with the neighbouring cells' same
     component (``cells[j]``: position j's grid cell), made consistent over the whole grid at once
-    (the top eigenvector of each component's signed neighbour graph)."""
+    (the top eigenvector of each component's signed neighbour graph). Reliable for the strong
+    components; a weak one's signs can split into regions, which blockresnet's trainable maps fix."""
     n, t, d = blocks.shape
     gh, gw = grid
     mean = blocks.mean(axis=0)
