@@ -63,3 +63,36 @@ def subset(src: Path, dest: Path, per_class: int) -> Path:
         for f in sorted(cls.iterdir())[:per_class]:
             shutil.copy(f, dest / cls.name / f.name)
     return dest
+
+
+def from_blocks(b, block, grid):
+    """The inverse of nets.to_blocks: (t, N, d) -> (N, H, W, C) images."""
+    (bh, bw), (gh, gw) = block, grid
+    t, n, d = b.shape
+    c = d // (bh * bw)
+    return b.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, gh * bh, gw * bw, c)
+
+
+def key_as_affine(key):
+    """A key's noise-free disguise as one affine map per stored block position, measured on basis
+    images through the spec's plain computation. Returns (disguise, offset, mt): ``disguise`` maps
+    (N, H, W, C) float64 tensors, and the blocks of ``disguise(x)`` at stored position j are
+    ``x_block[perm[j]] @ mt[j] + offset[j]`` (offset (t, d), mt (t, d, d))."""
+    import torch
+
+    from dkit.engine import Disguise
+    from dkit.models.nets import to_blocks
+
+    dis = Disguise.from_key(key)
+    p = key.params
+    t, d = p.positions, p.block_size
+
+    def disguise(images):
+        return torch.from_numpy(dis.reference(images.numpy()))
+
+    def blocks(images):
+        return to_blocks(images.permute(0, 3, 1, 2), p.block, p.grid)
+
+    offset = blocks(disguise(torch.zeros(1, *p.shape, dtype=torch.float64)))[:, 0]
+    basis = from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), p.block, p.grid)
+    return disguise, offset, blocks(disguise(basis)) - offset[:, None]

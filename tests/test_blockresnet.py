@@ -20,15 +20,7 @@ from dkit.models.training import auto_arch
 from dkit.params import KeyParams
 from dkit.placement import place_positions, placement_accuracy
 
-from helpers import make_folder, subset, test_key
-
-
-def _from_blocks(b, block, grid):
-    """The inverse of nets.to_blocks: (t, N, d) -> (N, H, W, C) images."""
-    (bh, bw), (gh, gw) = block, grid
-    t, n, d = b.shape
-    c = d // (bh * bw)
-    return b.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, gh * bh, gw * bw, c)
+from helpers import key_as_affine, make_folder, subset, test_key
 
 
 @pytest.mark.parametrize("stem", [0, 1])
@@ -39,21 +31,11 @@ def test_blockresnet_absorbs_the_key_exactly(pipeline, channels, stem):
     """The same function: blockresnet on disguised images (noise 0) with arrangement = the key's
     permutation equals blockresnet with the identity arrangement and the key folded into its stem
     (W_perm[j] = M_j E_j, the offset into the bias) on plain images."""
-    shape, block, grid = (16, 16, 3), (4, 4), (4, 4)
+    shape, block = (16, 16, 3), (4, 4)
     t, d = 16, 48
     key = test_key(f"absorb-{pipeline}-{channels}", shape="16x16x3", block="4", pipeline=pipeline, channels=channels)
-    dis = Disguise.from_key(key)
     perm = np.array(key.material.perm) if key.material.perm is not None else np.arange(t)
-
-    def disguise(images):  # (N, H, W, C) float64, through the spec's plain computation
-        return torch.from_numpy(dis.reference(images.numpy()))
-
-    def blocks(images):
-        return to_blocks(images.permute(0, 3, 1, 2), block, grid)
-
-    offset = blocks(disguise(torch.zeros(1, *shape, dtype=torch.float64)))[:, 0]  # (t, d)
-    basis = _from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), block, grid)
-    mt = blocks(disguise(basis)) - offset[:, None]  # (t, d, d): stored position j's map, x @ mt[j]
+    disguise, offset, mt = key_as_affine(key)  # stored position j: x_perm[j] @ mt[j] + offset[j]
     assert not torch.allclose(mt, torch.eye(d, dtype=torch.float64).expand(t, d, d)) or pipeline == "perm"
     assert pipeline == "rmt" or not np.array_equal(perm, np.arange(t))  # a real permutation
 
@@ -94,17 +76,10 @@ def test_blockvit_absorbs_the_key_exactly(pipeline):
     about token order. The same function on plain images, noise 0."""
     from dkit.models.nets import BlockViT
 
-    shape, block, grid, t, d = (16, 16, 3), (4, 4), (4, 4), 16, 48
+    shape, block, t = (16, 16, 3), (4, 4), 16
     key = test_key(f"vit-absorb-{pipeline}", shape="16x16x3", block="4", pipeline=pipeline)
-    dis = Disguise.from_key(key)
     perm = np.array(key.material.perm) if key.material.perm is not None else np.arange(t)
-
-    def blocks(images):
-        return to_blocks(images.permute(0, 3, 1, 2), block, grid)
-
-    offset = blocks(torch.from_numpy(dis.reference(np.zeros((1, *shape)))))[:, 0]
-    basis = _from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), block, grid)
-    mt = blocks(torch.from_numpy(dis.reference(basis.numpy()))) - offset[:, None]
+    disguise, offset, mt = key_as_affine(key)
     torch.manual_seed(0)
     on_disguised = BlockViT(shape, block, 7, dim=32, depth=2, heads=4).double().eval()
     on_plain = copy.deepcopy(on_disguised)
@@ -115,7 +90,7 @@ def test_blockvit_absorbs_the_key_exactly(pipeline):
         on_plain.pos[0, perm] = on_disguised.pos[0]
     x = torch.rand(5, *shape, dtype=torch.float64) * 255
     with torch.no_grad():
-        a = on_disguised(torch.from_numpy(dis.reference(x.numpy())).permute(0, 3, 1, 2))
+        a = on_disguised(disguise(x).permute(0, 3, 1, 2))
         p = on_plain(x.permute(0, 3, 1, 2))
     torch.testing.assert_close(a, p, rtol=1e-9, atol=1e-7)
 

@@ -21,7 +21,7 @@ from dkit.models import load as load_model
 from dkit.models.artifact import META, WEIGHTS
 from dkit.models.nets import BlockViT, build
 
-from helpers import make_folder, subset, test_key
+from helpers import key_as_affine, make_folder, subset, test_key
 
 TINY_VIT = {"dim": 32, "depth": 1, "heads": 2}
 
@@ -663,37 +663,18 @@ def test_training_refuses_garbage_and_shows_its_folder_at_once(tiny_h5, tmp_path
         train(tiny_h5, tmp_path / "d", TrainOptions(arch="cnn", epochs=1))
 
 
-def _from_blocks(b, block, grid):
-    """The inverse of nets.to_blocks: (t, N, d) -> (N, H, W, C) images."""
-    (bh, bw), (gh, gw) = block, grid
-    t, n, d = b.shape
-    c = d // (bh * bw)
-    return b.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, gh * bh, gw * bw, c)
-
-
 @pytest.mark.parametrize("channels", ["joint", "shared"])
 def test_blockconv_absorbs_an_unpermuted_rmt_key_exactly(channels):
     """The same function on plain images with the key folded into the stem: BlockConv on disguised
     images equals BlockConv with stem M_i^T W_i (and the offset folded into the bias) on plain ones."""
     import copy
 
-    from dkit.engine import Disguise
-    from dkit.models.nets import BlockConv, to_blocks
+    from dkit.models.nets import BlockConv
 
     key = test_key(f"absorb-{channels}", shape="8x8x3", block="4", pipeline="rmt", channels=channels)
-    dis = Disguise.from_key(key)
-    block, grid, t, d = (4, 4), (2, 2), 4, 48
-
-    def disguise(images):  # (N, H, W, C) float64 -> the same, through the spec's plain computation
-        return torch.from_numpy(dis.reference(images.numpy()))
-
-    def blocks(images):
-        return to_blocks(images.permute(0, 3, 1, 2), block, grid)
-
+    block, t, d = (4, 4), 4, 48
     # the disguise is affine per block position: its offset and matrix from basis images
-    offset = blocks(disguise(torch.zeros(1, 8, 8, 3, dtype=torch.float64)))[:, 0]  # (t, d)
-    basis = _from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), block, grid)
-    mt = blocks(disguise(basis)) - offset[:, None]  # (t, d, d): row k is M_i e_k, so this is M_i^T
+    disguise, offset, mt = key_as_affine(key)  # mt (t, d, d): row k is M_i e_k, so this is M_i^T
     assert not torch.allclose(mt, torch.eye(d, dtype=torch.float64).expand(t, d, d))  # a real key
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from ..data.sources import Source, SubsetSource
 from ..errors import DkitError
 from ..keystore import Keystore, MemoryBackend
 from ..params import KeyParams
-from .runner import Settings, evaluate
+from .runner import ATTACKS, Settings, evaluate
 
 
 @dataclass
@@ -35,17 +35,8 @@ class Grid:
     epochs: int = 3
     arch: str = "auto"
     max_images: int = 4000
-    attacks: tuple[str, ...] = (
-        "examiner",
-        "misusability",
-        "kpa",
-        "covariance",
-        "placement",
-        "thumbnail",
-        "codebook",
-        "jigsaw",
-        "instahide",
-    )
+    # every attack but those that need a model or copies, which calibrate's throw-away files lack
+    attacks: tuple[str, ...] = tuple(a for a in ATTACKS if a not in ("model-leak", "copies"))
     pairs: tuple[int, ...] = (10,)
     seed: int = 0
 

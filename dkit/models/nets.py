@@ -84,6 +84,16 @@ def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | Non
     return None
 
 
+def block_geometry(shape, block) -> tuple[tuple[int, int], int, int]:
+    """(grid, positions t, values per block d) of ``shape`` cut in ``block``; ValueError if it does not tile."""
+    h, w, c = shape
+    bh, bw = block
+    if h % bh or w % bw:
+        raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
+    grid = (h // bh, w // bw)
+    return grid, grid[0] * grid[1], bh * bw * c
+
+
 class Normalize(nn.Module):
     def __init__(self, mean, std):
         super().__init__()
@@ -144,13 +154,8 @@ class BlockViT(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        h, w, c = shape
-        bh, bw = block
-        if h % bh or w % bw:
-            raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
         self.shape, self.block = tuple(shape), tuple(block)
-        self.grid = (h // bh, w // bw)
-        t, d = self.grid[0] * self.grid[1], bh * bw * c
+        self.grid, t, d = block_geometry(shape, block)
         self.embed_w = nn.Parameter(torch.randn(t, d, dim) / math.sqrt(d))
         self.embed_b = nn.Parameter(torch.zeros(t, dim))
         self.pos = nn.Parameter(torch.randn(1, t, dim) * 0.02)
@@ -206,12 +211,8 @@ class BlockConv(nn.Module):
 
     def __init__(self, shape, block, num_classes, *, width: int = 128, depth: int = 4, dropout: float = 0.0):
         super().__init__()
-        h, w, c = shape
-        bh, bw = block
-        if h % bh or w % bw:
-            raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
-        self.shape, self.block, self.grid = tuple(shape), tuple(block), (h // bh, w // bw)
-        t, d = self.grid[0] * self.grid[1], bh * bw * c
+        self.shape, self.block = tuple(shape), tuple(block)
+        self.grid, t, d = block_geometry(shape, block)
         self.embed_w = nn.Parameter(torch.randn(t, d, width) / math.sqrt(d))
         self.embed_b = nn.Parameter(torch.zeros(t, width))
         self.stem_norm = nn.BatchNorm2d(width)
@@ -249,13 +250,9 @@ class BlockResNet(nn.Module):
         super().__init__()
         from torchvision.models import resnet18 as tv_resnet18
 
-        h, w, c = shape
-        bh, bw = block
-        if h % bh or w % bw:
-            raise ValueError(f"block {bh}x{bw} does not tile {h}x{w}")
-        self.shape, self.block, self.grid = tuple(shape), tuple(block), (h // bh, w // bw)
+        self.shape, self.block = tuple(shape), tuple(block)
+        self.grid, t, d = block_geometry(shape, block)
         self.cells = (cells, cells) if cells else default_cells(block)
-        t, d = self.grid[0] * self.grid[1], bh * bw * c
         width = 64
         out = self.cells[0] * self.cells[1] * width
         self.shared = bool(shared)

@@ -71,6 +71,15 @@ def auto_arch(params) -> str:
     return "resnet18"
 
 
+def _sample_rows(x: torch.Tensor, most: int, seed: int) -> torch.Tensor:
+    """Up to ``most`` rows of ``x`` (in file order, drawn with ``seed``) and at most PLACEMENT_VALUES
+    values of them (bounded memory, whatever the image size)."""
+    n = min(len(x), most, max(256, PLACEMENT_VALUES // math.prod(x.shape[1:])))
+    if len(x) <= n:
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+
+
 def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch.Tensor | None, dict]:
     """The grid cell of each stored block position from training images (N, C, H, W) alone
     (``dkit.placement``), and what to record of it. None (and why) when there are too many
@@ -82,12 +91,7 @@ def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch
     if t > MAX_POSITIONS:
         return None, {"skipped": f"{t} block positions, more than the {MAX_POSITIONS} dkit places"}
     t0 = time.perf_counter()
-    per_image = math.prod(x.shape[1:])
-    n = min(len(x), PLACEMENT_ROWS, max(256, PLACEMENT_VALUES // per_image))  # bounded memory
-    rows = x
-    if len(x) > n:
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-        rows = x[pick.sort().values]
+    rows = _sample_rows(x, PLACEMENT_ROWS, seed)
     blocks = to_blocks(rows.float(), block, grid).permute(1, 0, 2).numpy()
     cells = place_positions(blocks, grid)
     return torch.from_numpy(cells.astype(np.int64)), {
@@ -96,15 +100,14 @@ def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch
     }
 
 
-def estimate_alignment(x: torch.Tensor, block, grid, arrangement: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def estimate_alignment(x: torch.Tensor, block, grid, arrangement: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
     """The initial per-position maps of blockresnet's shared stem (``dkit.placement.align_positions``),
     from up to 5,000 training images alone."""
     from ..placement import align_positions
     from .nets import to_blocks
 
     t0 = time.perf_counter()
-    n = min(len(x), 5000, max(256, PLACEMENT_VALUES // math.prod(x.shape[1:])))
-    rows = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n].sort().values]
+    rows = _sample_rows(x, 5000, seed)
     blocks = to_blocks(rows.float(), block, grid).permute(1, 0, 2).numpy()
     a = align_positions(blocks, arrangement.numpy(), grid)
     return torch.from_numpy(a.astype(np.float32)), {"rows": len(rows), "seconds": round(time.perf_counter() - t0, 3)}
@@ -141,11 +144,14 @@ def source_groups(path: Path, meta: h5format.Meta) -> tuple[int, np.ndarray]:
     return len(groups), inverse.reshape(-1)
 
 
-def split(path: Path, meta: h5format.Meta, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation rows, split by source image (all encodings of one image on the same side)."""
+def split(
+    path: Path, meta: h5format.Meta, fraction: float, seed: int, groups: tuple[int, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation rows, split by source image (all encodings of one image on the same side).
+    ``groups``: ``source_groups(path, meta)`` when the caller has it already."""
     if not 0 <= fraction < 1:
         raise InputError("--val-fraction must lie in [0, 1)")
-    n_groups, inverse = source_groups(path, meta)
+    n_groups, inverse = groups or source_groups(path, meta)
     digest = hashlib.sha256(f"{meta.dataset_id}/{seed}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     n_val = int(round(n_groups * fraction))
@@ -286,10 +292,10 @@ def train(
         )
     x_all = torch.from_numpy(x_np).permute(0, 3, 1, 2)  # (N, C, H, W), a view
     y_all = torch.from_numpy(y_np)
-    tr, va = split(data, meta, options.val_fraction, options.seed)
+    n_groups, groups = source_groups(data, meta)
+    tr, va = split(data, meta, options.val_fraction, options.seed, (n_groups, groups))
     picker = None
     if meta.encodings > 1 and meta.label_kind == "hard":  # --copies: one copy per image per epoch
-        _, groups = source_groups(data, meta)
         picker = CopyPicker(groups[tr])
         if len(va):
             va = np.sort(va[CopyPicker(groups[va]).firsts().numpy()])
@@ -307,7 +313,9 @@ def train(
             model[1].arrangement.copy_(cells)
     if arch == "blockresnet" and model[1].shared and meta.params.has("rmt"):
         plain_copies = x_tr if picker is None else x_tr[picker.firsts()]
-        align, info = estimate_alignment(plain_copies, meta.params.block, model[1].grid, model[1].arrangement)
+        align, info = estimate_alignment(
+            plain_copies, meta.params.block, model[1].grid, model[1].arrangement, options.seed
+        )
         model[1].align.data.copy_(align)
         placement = {**(placement or {}), "alignment": info}
     model = model.to(device)
