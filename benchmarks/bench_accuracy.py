@@ -92,6 +92,16 @@ CIFAR = [
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
+    # 8x8 blocks: the thumbnail attack's grid shrinks to 4x4 (the candidate default for 32x32)
+    ("rmt 8x8 joint noise 25 / blockresnet", dict(pipeline="rmt", noise=25, block=8), "blockresnet", {}, 15, {}),
+    (
+        "perm+rmt 8x8 joint noise 25 / blockresnet",
+        dict(pipeline="perm,rmt", noise=25, block=8),
+        "blockresnet",
+        {},
+        15,
+        {},
+    ),
     ("perm+aes 4x4 per-block / blockvit", dict(pipeline="perm,aes"), "blockvit", {}, 15, {}),
     ("instahide k=4, T=1 / resnet18", dict(pipeline="instahide", k=4), "resnet18", {}, 15, {}),
     ("identity / blockvit, mixup 0.2", dict(pipeline="identity"), "blockvit", {}, 15, {}, {"mixup": 0.2}),

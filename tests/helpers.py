@@ -23,6 +23,7 @@ from conftest import SHARED_DATA
 def test_key(label: str = "test", **kw) -> LoadedKey:
     """A key version from a public test seed, without a key store."""
     seed = Seed(hashlib.sha256(f"dkit test key {label}".encode()).digest())
+    kw.setdefault("block", 4)  # the tests' keys were written for 4x4 blocks
     params = KeyParams.create(**kw)
     m = derive(seed, params)
     rec = VersionRecord(1, "enabled", "2026-11-22T00:00:00Z", m.key_id, params, "memory", "2026-11-22T00:00:00Z")

@@ -30,6 +30,42 @@ def test_keygen_and_list(cli):
 
 
 @pytest.mark.parametrize(
+    "shape,pipeline,block,grid",
+    [
+        ("32x32x3", "perm,rmt", [8, 8], [4, 4]),  # CIFAR: a 4x4 thumbnail at most
+        ("28x28", "rmt", [7, 7], [4, 4]),  # MNIST: the papers' block
+        ("96x96x3", "rmt", [16, 24], [6, 4]),  # 24x24x3 matrices would pass the key size limit
+        ("32x32x3", "perm,aes", [4, 4], [8, 8]),  # no rmt, no thumbnail: the old default
+    ],
+)
+def test_keygen_picks_the_block_from_the_shape(cli, shape, pipeline, block, grid):
+    r = cli("keygen", "k", "--shape", shape, "--pipeline", pipeline, "--json")
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)
+    assert v["params"]["block"] == block
+    h, w = (int(s) for s in shape.split("x")[:2])
+    assert [h // block[0], w // block[1]] == grid
+    assert ("thumbnail" in r.stderr) == (pipeline != "perm,aes" and max(grid) > 4)
+
+
+def test_keygen_warns_about_blocks_that_leak_a_thumbnail(cli):
+    r = cli("keygen", "k", "--shape", "32x32x3", "--block", "4", "--pipeline", "perm,rmt")
+    assert r.exit_code == 0, r.output
+    assert "warning" in r.stderr and "8x8 grey thumbnail" in r.stderr and "level 1" in r.stderr
+    assert "thumbnail" not in cli("keygen", "q", "--shape", "32x32x3", "--block", "8").stderr
+
+
+def test_auto_block_for_large_images():
+    from dkit.params import KeyParams, thumbnail_warning
+
+    joint = KeyParams.create("224x224x3", "auto", "perm,rmt")  # 56x56x3 matrices would be too large
+    assert joint.block == (8, 8) and "28x28 grey thumbnail" in thumbnail_warning(joint)
+    shared = KeyParams.create("224x224x3", "auto", "perm,rmt", channels="shared")
+    assert shared.block == (56, 56) and thumbnail_warning(shared) is None
+    assert KeyParams.create("32x32x3").block == (8, 8)  # the library's default is the CLI's
+
+
+@pytest.mark.parametrize(
     "args,code,words",
     [
         (["--shape", "32by32"], EXIT_USAGE, "malformed shape '32by32'"),

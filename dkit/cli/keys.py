@@ -10,7 +10,7 @@ from rich.table import Table
 from ..errors import EXIT_ACTION, InputError
 from ..keystore import parse_age
 from ..keystore.records import KeyRecord, VersionRecord
-from ..params import KeyParams
+from ..params import KeyParams, thumbnail_warning
 from . import common
 from .common import App, escape, out, print_json
 
@@ -56,7 +56,12 @@ def _show_record(rec: KeyRecord) -> None:
 def keygen(
     name: str = typer.Argument(..., help="The key's name."),
     shape: str = typer.Option(..., "--shape", help="Image geometry HxWxC, e.g. 32x32x3 (HxW for grey)."),
-    block: str = typer.Option("4", "--block", help="Block size B or BHxBW; it must tile the image."),
+    block: str = typer.Option(
+        "auto",
+        "--block",
+        help="Block size B or BHxBW; it must tile the image. auto: with rmt, the largest block leaving "
+        "4 blocks per side (8x8 for 32x32, 7x7 for 28x28), since finer grids leak a thumbnail; else 4.",
+    ),
     pipeline: str = typer.Option("perm,rmt", "--pipeline", help="Mechanisms: identity, perm, rmt, aes, instahide."),
     rmt: str = typer.Option("orthogonal", "--rmt", help="RMT matrices: orthogonal or projection."),
     channels: str = typer.Option(
@@ -78,6 +83,9 @@ def keygen(
         shape, block, pipeline, rmt_kind=rmt, channels=channels, noise=noise, aes_keys=aes, k=k, bound=bound, mix=mix
     )
     rec = common.open_keystore().keygen(name, params)
+    warning = thumbnail_warning(params)
+    if warning:
+        common.err.print(f"[yellow]warning:[/] {escape(warning)}")
     if json_out:
         print_json(_version_dict(rec.name, rec.primary, rec.versions[0]))
     else:
