@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import data, model, privacy
+from . import data, model, privacy, serve
 from .common import App, out
 from .keys import keygen, keys_app
 
@@ -46,6 +46,7 @@ app.command("merge")(data.merge_cmd)
 app.command("preview")(data.preview_cmd)
 app.command("train")(model.train)
 app.command("predict")(model.predict)
+app.command("serve")(serve.serve)
 app.command("evaluate")(privacy.evaluate)
 app.command("calibrate")(privacy.calibrate)
 

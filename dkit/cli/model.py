@@ -127,7 +127,9 @@ def train(
 
 
 def predict(
-    model_dir: Path = typer.Argument(..., help="A model folder (dkit train)."),
+    model_dir: str = typer.Argument(
+        ..., help="A model folder (dkit train), or the URL of dkit serve (only disguised batches are sent)."
+    ),
     inputs: str = typer.Argument(..., help="Images: a folder (labelled sub-folders give an accuracy), .npy/.npz."),
     key: str = typer.Option(..., "--key", help="NAME or NAME@VERSION: the key the training data was disguised with."),
     fmt: Literal["table", "csv", "json"] = typer.Option("table", "--format", help="table, csv or json."),
@@ -149,20 +151,32 @@ def predict(
         "--float-range",
         help="Float pixels (.npy/.npz): 0-1 (scaled by 255) or 0-255 (rounded); default: the training data's.",
     ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="With a URL: a file holding the server's bearer token."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Same as --format json."),
 ):
     """Disguise new images with the key (fresh noise), check the key against the model, print the classes."""
     from ..models.artifact import read_meta
     from ..models.prediction import check_key
     from ..models.prediction import predict as run
+    from ..serve.client import is_url
+    from ..serve.server import read_token
 
     fmt = "json" if json_out else fmt
     if fmt not in ("table", "csv", "json"):
         raise InputError(f"unknown --format {fmt!r}: choose table, csv or json")
+    remote = is_url(model_dir)
+    if token_file is not None and not remote:
+        raise InputError("--token-file goes with a server URL, not a model folder")
+    token = read_token(token_file)
     ks = common.open_keystore()
-    meta = read_meta(model_dir)
-    loaded = ks.load(key, use="predict", model=str(model_dir))
-    check_key(meta, loaded, model_dir)
+    if remote:  # the server's description is fetched and checked against the key in run()
+        loaded = ks.load(key, use="predict", model=model_dir)
+    else:
+        meta = read_meta(Path(model_dir))
+        loaded = ks.load(key, use="predict", model=str(model_dir))
+        check_key(meta, loaded, Path(model_dir))
     source = open_source(inputs)
     doc = run(
         model_dir,
@@ -174,6 +188,7 @@ def predict(
         samples=samples,
         float_range=float_range,
         public=open_source(public) if public else None,
+        token=token,
     )
     rows = doc["predictions"]
     if fmt == "json":

@@ -159,7 +159,12 @@ def read_meta(model_dir: Path) -> ModelMeta:
         extra = f" (it holds {', '.join(pickles)}: dkit never loads pickled models)" if pickles else ""
         what = "is not a regular file" if path.exists() or path.is_symlink() else "is missing"
         raise ArtifactError(f"{model_dir}: not a dkit model, {META} {what}{extra}")
-    doc = _read_json(path)
+    return check_meta(_read_json(path), path)
+
+
+def check_meta(doc: object, path: str | Path) -> ModelMeta:
+    """A model description from anywhere (a model.json, a server's /v1/model), checked field by
+    field; ``path`` names where it came from in every ``ArtifactError``."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a dkit model description")
     if doc.get("version") != VERSION or not _is_int(doc.get("version")):

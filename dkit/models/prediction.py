@@ -13,6 +13,7 @@ import torch
 from ..data.decode import DecodeError, Policy
 from ..data.run import _batches, decode_all
 from ..data.sources import Source
+from ..engine import RandomSource
 from ..errors import ArtifactError, InputError, KeyMismatch
 from . import artifact
 from .training import pick_device
@@ -43,8 +44,9 @@ def check_key(meta: artifact.ModelMeta, key, model_dir: Path) -> None:
     # The key's ID covers its parameters, so with the right key any other key_params in the model's
     # description were edited: the description (in_shape, block) would not fit what the key produces.
     if key.params.canonical() != meta.params.canonical():
+        where = model_dir if isinstance(model_dir, str) and "://" in model_dir else Path(model_dir) / artifact.META
         raise ArtifactError(
-            f"{Path(model_dir) / artifact.META}: field 'key_params' is not the parameters of {key.ref} "
+            f"{where}: field 'key_params' is not the parameters of {key.ref} "
             f"(key ID {key.key_id}), the key the model names"
         )
 
@@ -62,12 +64,22 @@ def predict(
     public: Source | None = None,
     samples: int | None = None,
     float_range: str | None = None,
+    token: str | None = None,
+    rng: RandomSource | None = None,
 ) -> dict:
-    model_dir = Path(model_dir)
-    meta = artifact.read_meta(model_dir)
-    check_key(meta, key, model_dir)  # before any image is touched
-    dev = pick_device(device)
-    model, meta = artifact.load(model_dir, dev)
+    """``model_dir``: a model folder, or the URL of ``dkit serve`` (then the images are disguised
+    here and only the disguised batches are sent). ``rng``: fixed randomness, for tests only."""
+    from ..serve.client import RemoteNet, is_url
+
+    if is_url(model_dir):
+        model = RemoteNet(str(model_dir), token=token)
+        meta = model.meta
+        check_key(meta, key, model_dir)
+    else:
+        model_dir = Path(model_dir)
+        meta = artifact.read_meta(model_dir)
+        check_key(meta, key, model_dir)  # before any image is touched
+        model, meta = artifact.load(model_dir, pick_device(device))
     names = meta.class_names or [str(i) for i in range(meta.num_classes)]
     opts = meta.data_options or {}
     policy = Policy(
@@ -91,7 +103,7 @@ def predict(
             if errors:
                 _, name, problem, hint = errors[0]
                 raise DecodeError(name, problem, hint=hint)
-            logits = net(torch.from_numpy(imgs))
+            logits = net(torch.from_numpy(imgs), rng)
             probs = torch.softmax(logits.float(), dim=1).cpu()
             p, idx = probs.topk(k, dim=1)
             for j, pos in enumerate(positions):
