@@ -7,7 +7,9 @@ ratio is the serving overhead, batching included).
 Without --model, a blockresnet is trained for one epoch on 512 random 32x32x3 images disguised
 with the default key (perm + RMT 8x8, noise 25): the timings do not depend on what it learned.
 Each cell runs until --seconds or --requests per client, whichever comes first (loops bounded in
-count and time). Clients keep one HTTP connection each.
+count and time). Clients keep one HTTP connection each. The direct call runs in this process with
+torch's default threads, while the server is idle; during a cell the clients share the machine
+with the server, so on a small machine the ratio includes the clients' own cost.
 """
 
 from __future__ import annotations
@@ -117,7 +119,6 @@ def main():
     ap.add_argument("--requests", type=int, default=400, help="Most requests per client per cell.")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the server gets the other core(s)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, key_id = (Path(args.model), None) if args.model else make_model(Path(tmp))
         if key_id is None:
