@@ -52,7 +52,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Replace a model or an interrupted run in the folder."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
-    """Train a model on a disguised dataset. No key is needed (this runs on the cloud side)."""
+    """Train a model on a disguised dataset. No key is needed (this runs on the cloud side).
+    Under torchrun (torchrun --nproc_per_node N -m dkit train ...) it trains with DDP."""
+    from ..models.distributed import is_main
     from ..models.training import TrainOptions
     from ..models.training import train as run
 
@@ -111,6 +113,8 @@ def train(
             )
 
         metrics = run(data, output, options, resume=resume, force=force, progress=tick)
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     if json_out:
         print_json(metrics)
         return
@@ -120,8 +124,9 @@ def train(
         if f["val_acc"] is not None
         else "no validation split"
     )
+    procs = f" x {metrics['processes']} processes" if metrics.get("processes", 1) > 1 else ""
     out.print(
-        f"trained {metrics['arch']} ({metrics['parameters']:,} parameters) on {metrics['device']}: {val}; "
+        f"trained {metrics['arch']} ({metrics['parameters']:,} parameters) on {metrics['device']}{procs}: {val}; "
         f"model in [bold]{escape(str(output))}[/]"
     )
 

@@ -25,7 +25,7 @@ from ..data import DisguisedDataset, h5format
 from ..errors import ArtifactError, FormatError, InputError, ParameterError
 from ..home import atomic_write
 from ..keystore.records import fmt_time, utcnow
-from . import artifact
+from . import artifact, distributed
 from .nets import ARCHS, build, check_params, soft_cross_entropy
 
 CHECKPOINT = "checkpoint"
@@ -251,8 +251,23 @@ def train(
     force: bool = False,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train, write the artifact, and return the metrics."""
+    """Train, write the artifact, and return the metrics. Under ``torchrun`` every process trains
+    its share with DistributedDataParallel and rank 0 writes (``dkit.models.distributed``)."""
     options = options or TrainOptions()
+    device = pick_device(options.device)
+    rank, n_proc, local_rank = distributed.world()
+    if n_proc > 1 and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    with distributed.process_group(device):
+        return _train(data, model_dir, options, device, resume=resume, force=force, progress=progress)
+
+
+def _train(data, model_dir, options: TrainOptions, device: torch.device, *, resume, force, progress) -> dict:
+    rank, n_proc, _ = distributed.world()
+    main = rank == 0
+    if not main:
+        progress = None
     data, model_dir = Path(data), Path(model_dir)
     meta = h5format.inspect(data)
     if meta.label_kind == "none":
@@ -262,7 +277,9 @@ def train(
     if options.epochs < 1 or options.batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
     ckpt_dir = model_dir / CHECKPOINT
-    _recover_checkpoint(ckpt_dir)
+    if main:  # one process mends an interrupted checkpoint swap; the others read after it
+        _recover_checkpoint(ckpt_dir)
+    distributed.barrier()
     if (model_dir / artifact.META).exists() and not force:
         raise InputError(f"{model_dir} holds a trained model", hint="use --force to replace it")
     if ckpt_dir.exists() and not resume:
@@ -271,17 +288,19 @@ def train(
                 f"{model_dir} holds an interrupted training run",
                 hint="use --resume to continue it, or --force to start over",
             )
-        shutil.rmtree(ckpt_dir)
+        distributed.barrier()  # every process has seen it before rank 0 removes it
+        if main:
+            shutil.rmtree(ckpt_dir)
     arch = options.resolved_arch(meta)
     arch_params = {**DEFAULT_ARCH_PARAMS[arch], **options.arch_params}
     problem = check_params(arch, arch_params, meta.params.shape, meta.params.block)
     if problem:  # the bounds a model folder is read with: never train a model that cannot be loaded
         raise ParameterError(f"--arch-param {problem[0]} {problem[1]}")
-    device = pick_device(options.device)
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
     torch.manual_seed(options.seed)
     for name in (artifact.META, artifact.METRICS):  # --force: old metadata must never describe new weights
-        (model_dir / name).unlink(missing_ok=True)
+        if main:
+            (model_dir / name).unlink(missing_ok=True)
 
     x_np, y_np = DisguisedDataset(data, in_memory=False).read_all()
     bad = np.flatnonzero(~np.isfinite(x_np.reshape(len(x_np), -1)).all(axis=1))
@@ -321,9 +340,16 @@ def train(
     model = model.to(device)
     if device.type == "cuda" and arch != "blockvit":
         model = model.to(memory_format=torch.channels_last)
+    net = model  # what the steps call: the model, or its DistributedDataParallel wrapper
+    if n_proc > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    share = math.ceil(options.batch_size / n_proc)  # each process's part of the global batch
     lr = options.lr or DEFAULT_LR[arch]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=options.weight_decay)
-    steps_per_epoch = math.ceil((len(picker) if picker else len(x_tr)) / options.batch_size)
+    per_epoch = len(picker) if picker else len(x_tr)
+    steps_per_epoch = math.ceil(math.ceil(per_epoch / n_proc) / share)
     total_steps = steps_per_epoch * options.epochs
     warmup = min(steps_per_epoch, max(1, total_steps // 10))
 
@@ -349,7 +375,14 @@ def train(
     gen = torch.Generator().manual_seed(options.seed)
 
     def epoch_order() -> torch.Tensor:
-        return picker.epoch(gen) if picker else torch.randperm(len(x_tr), generator=gen)
+        """This process's rows of the epoch: the same shuffle everywhere, a DistributedSampler's share."""
+        order = picker.epoch(gen) if picker else torch.randperm(len(x_tr), generator=gen)
+        if n_proc == 1:
+            return order
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(order)), num_replicas=n_proc, rank=rank, shuffle=False)
+        return order[list(sampler)]
 
     for _ in range(start_epoch):  # replay the shuffles of finished epochs
         epoch_order()
@@ -364,7 +397,7 @@ def train(
         mix_rng = np.random.default_rng([options.seed, epoch])  # per epoch, so a resumed run mixes alike
         seen, correct, loss_sum = 0, 0, 0.0
         for step in range(steps_per_epoch):
-            idx = order[step * options.batch_size : (step + 1) * options.batch_size]
+            idx = order[step * share : (step + 1) * share]
             if on_gpu:
                 idx = idx.to(device)
                 xb, yb = x_tr_dev[idx], y_tr_dev[idx]
@@ -376,7 +409,7 @@ def train(
             if target is not None:
                 xb, target = target
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(xb)
+                logits = net(xb)
                 loss = _loss(logits.float(), yb if target is None else target)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -404,9 +437,11 @@ def train(
                     }
                 )
         train_seconds = time.perf_counter() - t0
+        seen, correct, loss_sum = distributed.summed(seen, correct, loss_sum)  # the whole epoch's
         val_loss = val_acc = None
-        if len(x_va):
+        if len(x_va) and main:  # rank 0's weights are the ones written
             val_loss, val_acc = evaluate(model, x_va, y_va, device, amp=amp)
+        val_loss, val_acc = distributed.from_main((val_loss, val_acc))
         stats = EpochStats(
             epoch + 1,
             loss_sum / seen,
@@ -417,7 +452,9 @@ def train(
             round(seen / train_seconds, 1),
         )
         history.append(asdict(stats))
-        _save_checkpoint(ckpt_dir, run_id, model, opt, sched, epoch + 1, history)
+        if main:
+            _save_checkpoint(ckpt_dir, run_id, model, opt, sched, epoch + 1, history)
+        distributed.barrier()
         if progress:
             progress({"epoch_done": asdict(stats)})
     metrics = {
@@ -436,6 +473,7 @@ def train(
         "batch_size": options.batch_size,
         "seed": options.seed,
         "placement": placement,
+        "processes": n_proc,
     }
     model_meta = artifact.ModelMeta(
         arch=arch,
@@ -465,8 +503,10 @@ def train(
         },
         created=fmt_time(utcnow()),
     )
-    artifact.save(model_dir, model, model_meta, metrics)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if main:
+        artifact.save(model_dir, model, model_meta, metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    distributed.barrier()
     return metrics
 
 
