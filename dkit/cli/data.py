@@ -66,6 +66,10 @@ def disguise(
     public: str | None = typer.Option(None, "--public", help="InstaHide cross: the public image set to mix with."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse larger images (bombs)."),
     download: bool = typer.Option(False, "--download", help="Let a torchvision dataset download its files."),
+    engine: Literal["local", "ray"] = typer.Option(
+        "local", "--engine", help="local, or ray: shards on a Ray cluster (--workers actors), then merged."
+    ),
+    address: str | None = typer.Option(None, "--address", help="--engine ray: the cluster (default: a local one)."),
     json_out: bool = JSON,
 ):
     """Disguise a dataset with a key into an HDF5 file (written under a temporary name, then renamed)."""
@@ -88,6 +92,12 @@ def disguise(
         float_range=float_range,
         shard=parse_shard(shard) if shard else None,
     )
+    if engine not in ("local", "ray"):
+        raise InputError(f"unknown --engine {engine!r}: choose local or ray")
+    if engine == "ray":
+        return _disguise_on_ray(src, output, key, options, workers, address, force, resume, public, json_out)
+    if address:
+        raise InputError("--address goes with --engine ray")
     source = open_source(src, download=download)
     public_source = open_source(public) if public else None
     loaded = common.open_keystore().load(key, use="disguise", output=str(output))
@@ -124,6 +134,30 @@ def disguise(
             out.print(f"  {escape(name)}: {escape(problem)}")
         if len(report.skipped) > 10:
             out.print(f"  ... and {len(report.skipped) - 10} more (--json lists the counts by problem)")
+
+
+def _disguise_on_ray(src, output, key, options, workers, address, force, resume, public, json_out) -> None:
+    from ..data.ray_engine import disguise_with_ray
+
+    if resume or public or options.shard:
+        given = "--resume" if resume else ("--public" if public else "--shard")
+        raise InputError(f"{given} is not available with --engine ray", hint="use --engine local for it")
+    ks = common.open_keystore()
+    loaded = ks.load(key, use="disguise", output=str(output), engine="ray")
+    doc = disguise_with_ray(
+        src, output, loaded, options, seed=ks.seed(loaded), workers=workers or 2, address=address, force=force
+    )
+    doc.update(key_id=loaded.key_id, key_version=loaded.version, engine="ray")
+    if json_out:
+        print_json(doc)
+        return
+    out.print(
+        f"wrote {doc['rows']:,} rows to [bold]{escape(str(output))}[/] with {escape(loaded.ref)} "
+        f"(key ID {loaded.key_id}) on Ray: {doc['shards']} shards by {doc['workers']} actors, merged, "
+        f"in {doc['seconds']['total']:.1f}s, {doc['images_per_second']:,.0f} img/s"
+    )
+    if doc["skipped"]:
+        out.print(f"[yellow]skipped {doc['skipped']} images[/] (run --engine local --json for the list)")
 
 
 def _augmented(meta) -> str:

@@ -349,14 +349,7 @@ class Keystore:
         state = self._state()
         rec = state.get(name)
         v = rec.version(number)
-        _check_usable(name, v)
-        self._check_store(v, name)
-        seed = self.backend.get(self._label(state, name, v.version))
-        if seed is None:
-            raise SecretBackendError(
-                f"the secret of {name}@{v.version} is missing from the {self.backend.name} store",
-                hint="restore it from a backup with dkit keys import FILE",
-            )
+        seed = self._usable_seed(state, name, v)
         material = derive(seed, v.params)
         if material.key_id != v.key_id:
             raise StoreCorrupt(f"the secret of {name}@{v.version} does not match its recorded key ID")
@@ -366,6 +359,28 @@ class Keystore:
                 _check_usable(name, now.version(v.version))
                 self._log(locked, "use", name, v, action=use, primary=now.primary == v.version, **details)
         return LoadedKey(name=name, record=v, material=material)
+
+    def seed(self, key: LoadedKey) -> Seed:
+        """The seed of a loaded key, for handing it to worker processes that derive the key
+        themselves (``dkit disguise --engine ray``): fewer bytes in flight than the material.
+        The version must still be usable; the seed is checked against the key's ID."""
+        state = self._state()
+        v = state.get(key.name).version(key.version)
+        seed = self._usable_seed(state, key.name, v)
+        if v.key_id != key.key_id or derive(seed, v.params).key_id != key.key_id:
+            raise StoreCorrupt(f"the secret of {key.ref} does not match its recorded key ID")
+        return seed
+
+    def _usable_seed(self, state, name: str, v: VersionRecord) -> Seed:
+        _check_usable(name, v)
+        self._check_store(v, name)
+        seed = self.backend.get(self._label(state, name, v.version))
+        if seed is None:
+            raise SecretBackendError(
+                f"the secret of {name}@{v.version} is missing from the {self.backend.name} store",
+                hint="restore it from a backup with dkit keys import FILE",
+            )
+        return seed
 
     # -- backup -----------------------------------------------------------------------------
     def export(self, name: str, path: str | Path, passphrase: str) -> KeyRecord:
