@@ -290,3 +290,25 @@ def test_batcher_gathers_requests_in_its_window():
     assert calls == [6]  # one forward pass for 1 + 2 + 3 rows
     for i, o in enumerate(outs):
         assert torch.equal(o, torch.full((i + 1, 1), float(i) + 1))
+
+
+def test_batcher_drains_its_queue_on_close():
+    """Shutdown lets every queued request finish, and refuses new ones."""
+    from dkit.serve.batching import Closed
+
+    def forward(x):
+        time.sleep(0.05)
+        return x * 3
+
+    async def scenario():
+        b = Batcher(forward, max_rows=1, window=0.0, max_queue=8)
+        b.start()
+        waiting = [asyncio.ensure_future(b.submit(torch.full((1, 1), float(i)), timeout=10)) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.close(drain=10)
+        with pytest.raises(Closed):
+            await b.submit(torch.ones(1, 1), timeout=1)
+        return [float(await w) for w in waiting], b.batches
+
+    outs, passes = asyncio.run(scenario())
+    assert outs == [0.0, 3.0, 6.0, 9.0, 12.0] and passes == 5
