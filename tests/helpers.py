@@ -57,13 +57,19 @@ def shared_archive(name: str, dest: Path) -> Path:
     return out
 
 
-def subset(src: Path, dest: Path, per_class: int) -> Path:
-    """The first ``per_class`` files of each class folder of ``src``, copied."""
+def subset(src: Path, dest: Path, per_class: int, *, last: bool = False) -> Path:
+    """The first (or with ``last``, the last) ``per_class`` files of each class folder of ``src``, copied."""
     for cls in sorted(p for p in src.iterdir() if p.is_dir()):
         (dest / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(cls.iterdir())[:per_class]:
+        files = sorted(cls.iterdir())
+        for f in files[-per_class:] if last else files[:per_class]:
             shutil.copy(f, dest / cls.name / f.name)
     return dest
+
+
+def train_and_held_out(src: Path, work: Path, per_class: int, held_out: int) -> tuple[Path, Path]:
+    """``work/train`` (the first ``per_class`` files of each class) and ``work/test`` (the last ``held_out``)."""
+    return subset(src, work / "train", per_class), subset(src, work / "test", held_out, last=True)
 
 
 def from_blocks(b, block, grid):

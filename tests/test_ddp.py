@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,13 @@ import pytest
 from dkit.data import Options, disguise_source, open_source
 from dkit.models import predict
 
-from helpers import subset, test_key
+from helpers import test_key, train_and_held_out
 
 
 @pytest.fixture(scope="module")
 def mnist_h5(mnist_folder, tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
-    train_dir = subset(mnist_folder, work / "train", per_class=150)
-    test_dir = work / "test"
-    for cls in sorted(p for p in mnist_folder.iterdir() if p.is_dir()):
-        (test_dir / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[-20:]:
-            shutil.copy(f, test_dir / cls.name / f.name)
+    train_dir, test_dir = train_and_held_out(mnist_folder, work, per_class=150, held_out=20)
     key = test_key("ddp", shape="28x28", block="7", pipeline="perm,rmt", noise=25)
     disguise_source(open_source(train_dir), work / "train.h5", key, Options(workers=0))
     return {"work": work, "h5": work / "train.h5", "test": test_dir, "key": key}

@@ -21,7 +21,7 @@ from dkit.models import load as load_model
 from dkit.models.artifact import META, WEIGHTS
 from dkit.models.nets import BlockViT, build
 
-from helpers import key_as_affine, make_folder, subset, test_key
+from helpers import key_as_affine, make_folder, subset, test_key, train_and_held_out
 
 TINY_VIT = {"dim": 32, "depth": 1, "heads": 2}
 
@@ -30,12 +30,7 @@ TINY_VIT = {"dim": 32, "depth": 1, "heads": 2}
 def mnist_small(mnist_folder, tmp_path_factory):
     """A disguised MNIST subset (rmt 7x7, noise 100), a held-out folder and a trained CNN."""
     work = tmp_path_factory.mktemp("mnist-model")
-    train_dir = subset(mnist_folder, work / "train", per_class=200)
-    test_dir = work / "test"
-    for cls in sorted(p for p in mnist_folder.iterdir() if p.is_dir()):
-        (test_dir / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[-30:]:
-            shutil.copy(f, test_dir / cls.name / f.name)
+    train_dir, test_dir = train_and_held_out(mnist_folder, work, per_class=200, held_out=30)
     key = test_key("mnist", shape="28x28", block="7", pipeline="rmt", noise=100, channels="shared")
     h5 = work / "train.h5"
     disguise_source(open_source(train_dir), h5, key, Options(workers=0))

@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from dkit.params import KeyParams
 from dkit.serve import remote_model, wire
 from dkit.serve.batching import Batcher, Busy
 
-from helpers import subset
+from helpers import train_and_held_out
 
 TOKEN = "a-test-token-of-some-length-0123456789"
 
@@ -44,12 +43,7 @@ TOKEN = "a-test-token-of-some-length-0123456789"
 def model(mnist_folder, tmp_path_factory):
     """A CNN trained on disguised MNIST (perm + rmt 7x7, noise 25), with its key in a key store."""
     work = tmp_path_factory.mktemp("serve")
-    train_dir = subset(mnist_folder, work / "train", per_class=100)
-    test_dir = work / "test"
-    for cls in sorted(p for p in mnist_folder.iterdir() if p.is_dir()):
-        (test_dir / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[-8:]:
-            shutil.copy(f, test_dir / cls.name / f.name)
+    train_dir, test_dir = train_and_held_out(mnist_folder, work, per_class=100, held_out=8)
     ks = Keystore(work / "home", backend=MemoryBackend())
     ks.keygen("m", KeyParams.create("28x28", 7, "perm,rmt", noise=25))
     ks.keygen("other", KeyParams.create("28x28", 7, "perm,rmt", noise=25))
