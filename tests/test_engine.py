@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dkit.derive import derive
@@ -51,6 +51,7 @@ def images(rng, n, shape):
 
 @settings(max_examples=40, deadline=None)
 @given(geo=geometries(), pipe=st.sampled_from(PIPELINES), seed=st.integers(0, 2**32 - 1))
+@example(geo=((24, 24, 3), (6, 6), 3), pipe=PIPELINES[6], seed=1084)  # rounded 2e-4 apart in CI
 def test_batched_chunked_and_unbatched_agree_and_input_is_kept(geo, pipe, seed):
     shape, block, n = geo
     pipeline, kw = pipe
@@ -65,7 +66,9 @@ def test_batched_chunked_and_unbatched_agree_and_input_is_kept(geo, pipe, seed):
     assert y.shape == x.shape and y.dtype == np.float32
     assert np.array_equal(x, x0)  # input never mutated
     # BLAS may sum in another order for another batch size: equal to float32 rounding, not bit for bit.
-    close = dict(rtol=1e-6, atol=1e-4)
+    # Rounding grows with the sums: a 108-value projection block gave 2e-4 once (CI, seed 1084), so
+    # allow 1e-3 of a grey level, far below anything the noise or a model could tell apart.
+    close = dict(rtol=1e-5, atol=1e-3)
     for i in range(n):  # one image at its global index equals its row in the batch
         yi = d.apply(x[i], rng=RandomSource.fixed(seed), start=i)
         assert yi.shape == shape
