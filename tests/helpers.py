@@ -72,14 +72,6 @@ def train_and_held_out(src: Path, work: Path, per_class: int, held_out: int) -> 
     return subset(src, work / "train", per_class), subset(src, work / "test", held_out, last=True)
 
 
-def from_blocks(b, block, grid):
-    """The inverse of nets.to_blocks: (t, N, d) -> (N, H, W, C) images."""
-    (bh, bw), (gh, gw) = block, grid
-    t, n, d = b.shape
-    c = d // (bh * bw)
-    return b.reshape(gh, gw, n, bh, bw, c).permute(2, 0, 3, 1, 4, 5).reshape(n, gh * bh, gw * bw, c)
-
-
 def key_as_affine(key):
     """A key's noise-free disguise as one affine map per stored block position, measured on basis
     images through the spec's plain computation. Returns (disguise, offset, mt): ``disguise`` maps
@@ -88,7 +80,7 @@ def key_as_affine(key):
     import torch
 
     from dkit.engine import Disguise
-    from dkit.models.nets import to_blocks
+    from dkit.models.nets import from_blocks, to_blocks
 
     dis = Disguise.from_key(key)
     p = key.params
@@ -101,5 +93,6 @@ def key_as_affine(key):
         return to_blocks(images.permute(0, 3, 1, 2), p.block, p.grid)
 
     offset = blocks(disguise(torch.zeros(1, *p.shape, dtype=torch.float64)))[:, 0]
-    basis = from_blocks(torch.eye(d, dtype=torch.float64)[None].expand(t, d, d), p.block, p.grid)
+    eye = torch.eye(d, dtype=torch.float64)[None].expand(t, d, d)
+    basis = from_blocks(eye, p.block, p.grid, p.shape[2]).permute(0, 2, 3, 1)
     return disguise, offset, blocks(disguise(basis)) - offset[:, None]

@@ -69,6 +69,44 @@ def test_blockresnet_absorbs_the_key_exactly(pipeline, channels, stem):
         assert not torch.allclose(scrambled, p, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("pipeline,channels", [("rmt", "joint"), ("perm,rmt", "joint"), ("perm,rmt", "shared")])
+def test_the_pixels_stem_on_disguised_images_is_resnet18_on_plain_images(pipeline, channels):
+    """blockresnet pixels=1 with the key folded into its per-position maps (A_j = M_j^-1, the offset
+    into the bias) and the key's permutation as its arrangement, on disguised images (noise 0),
+    computes what ``resnet18`` with the same weights computes on the plain images."""
+    from dkit.models.nets import resnet18
+
+    shape, block = (16, 16, 3), (4, 4)
+    t, d = 16, 48
+    key = test_key(f"pixels-{pipeline}-{channels}", shape="16x16x3", block="4", pipeline=pipeline, channels=channels)
+    perm = np.array(key.material.perm) if key.material.perm is not None else np.arange(t)
+    disguise, offset, mt = key_as_affine(key)
+    torch.manual_seed(1)
+    net = BlockResNet(shape, block, 7, pixels=1).double().eval()
+    plain = resnet18(shape, 7).double().eval()
+    for m in plain.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    layers = torch.nn.Sequential(plain.layer1, plain.layer2, plain.layer3, plain.layer4)
+    with torch.no_grad():  # resnet18's weights, the key folded into the per-position maps
+        net.conv1.load_state_dict(plain.conv1.state_dict())
+        net.stem_norm.load_state_dict(plain.bn1.state_dict())
+        net.trunk.load_state_dict(layers.state_dict())
+        net.head[2].load_state_dict(plain.fc.state_dict())
+        net.arrangement.copy_(torch.from_numpy(perm))
+        net.align.copy_(torch.linalg.inv(mt))
+        net.embed_b.copy_(-torch.einsum("td,tde->te", offset, net.align))
+    x = torch.rand(5, *shape, dtype=torch.float64) * 255
+    with torch.no_grad():
+        a = net(disguise(x).permute(0, 3, 1, 2))
+        p = plain(x.permute(0, 3, 1, 2))
+        net.align.copy_(torch.eye(d, dtype=torch.float64).expand(t, d, d))  # the key left out
+        unfolded = net(disguise(x).permute(0, 3, 1, 2))
+    torch.testing.assert_close(a, p, rtol=1e-9, atol=1e-7)
+    assert not torch.allclose(unfolded, p, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("pipeline", ["rmt", "perm,rmt"])
 def test_blockvit_absorbs_the_key_exactly(pipeline):
     """BlockViT: per-position embeddings absorb the matrices (E_perm[j] = M_j E'_j), its position
@@ -166,6 +204,30 @@ def test_train_without_arch_picks_blockresnet_and_predict_uses_it(cli, tmp_path)
     assert doc["labelled"] == 16 and 0.0 <= doc["accuracy"] <= 1.0
     r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "n"), "--arch", "blockresnet", "--epochs", "1")
     assert r.exit_code == 0, r.output  # and it can be named
+
+
+def test_a_pixels_stem_starts_from_the_estimated_frames_and_predicts(cli, tmp_path):
+    """--arch-param pixels=1 through the CLI: train starts the per-position maps from the principal
+    frames of the disguised training images (recorded in the metrics), predict rebuilds the model."""
+    from safetensors.torch import load_file
+
+    folder = make_folder(tmp_path / "src", classes=("a", "b"), per_class=8, shape=(16, 16, 3))
+    assert cli("keygen", "k", "--shape", "16x16x3", "--block", "4", "--pipeline", "perm,rmt").exit_code == 0
+    assert cli("disguise", str(folder), str(tmp_path / "d.h5"), "--key", "k").exit_code == 0
+    args = ("--epochs", "1", "--batch-size", "8", "--arch-param", "pixels=1")
+    r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "m"), *args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert doc["arch"] == "blockresnet" and doc["arch_params"] == {"pixels": 1}
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["placement"]["alignment"]["rows"] == 14  # the training rows, validation held back
+    align = load_file(str(tmp_path / "m" / "model.safetensors"))["1.align"]
+    assert align.shape == (16, 48, 48) and not torch.allclose(align, torch.eye(48).expand(16, 48, 48), atol=0.1)
+    r = cli("predict", str(tmp_path / "m"), str(folder), "--key", "k", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["labelled"] == 16
+    r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "n"), *args, "--arch-param", "shared=1")
+    assert r.exit_code != 0 and "pixels" in r.output and "neither shared nor cells" in r.output
 
 
 def test_the_arrangement_is_estimated_within_bounds(monkeypatch):

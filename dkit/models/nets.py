@@ -48,7 +48,7 @@ ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {  # name -> (int
         "dropout": (float, 0.0, 1.0),
     },
     "blockconv": {"width": (int, 1, MAX_WIDTH), "depth": (int, 1, MAX_CONV_DEPTH), "dropout": (float, 0.0, 1.0)},
-    "blockresnet": {"cells": (int, 1, MAX_CELLS), "shared": (int, 0, 1)},
+    "blockresnet": {"cells": (int, 1, MAX_CELLS), "shared": (int, 0, 1), "pixels": (int, 0, 1)},
 }
 
 
@@ -74,6 +74,8 @@ def check_params(arch: str, params: dict, shape, block) -> tuple[str, str] | Non
         bh, bw = block
         if h % bh or w % bw:
             return "block", f"{bh}x{bw} does not tile {h}x{w}"
+    if arch == "blockresnet" and params.get("pixels") and (params.get("shared") or params.get("cells")):
+        return "pixels", "rebuilds the image for ResNet-18's own stem: it takes neither shared nor cells"
     if arch == "blockvit":
         defaults = inspect.signature(BlockViT).parameters
         p = {k: defaults[k].default for k in ("dim", "heads", "mlp_ratio")} | params
@@ -176,6 +178,15 @@ class BlockViT(nn.Module):
         return self.head(self.norm(self.encoder(tokens))[:, 0])
 
 
+def from_blocks(tokens, block, grid, channels):
+    """(t, N, d) in grid cell order -> (N, C, H, W): the inverse of ``to_blocks``."""
+    _, n, _ = tokens.shape
+    bh, bw = block
+    gh, gw = grid
+    x = tokens.reshape(gh, gw, n, bh, bw, channels).permute(2, 5, 0, 3, 1, 4)
+    return x.reshape(n, channels, gh * bh, gw * bw)
+
+
 def to_blocks(x, block, grid):
     """(N, C, H, W) -> (t, N, d): block position-major, each block in (row, column, channel) order
     (``keys/SPEC-v1.md`` section 12), so that position i's weights meet the values its key mixed."""
@@ -244,26 +255,39 @@ class BlockResNet(nn.Module):
     run on that map. With the identity arrangement this is the block-aware conv model for keys
     without perm. For a permuting key, ``dkit train`` estimates the arrangement from the disguised
     training images (``dkit.placement``): when it is the key's permutation up to a grid symmetry, the
-    network absorbs perm + RMT exactly. The arrangement is a buffer, stored with the weights."""
+    network absorbs perm + RMT exactly. The arrangement is a buffer, stored with the weights.
 
-    def __init__(self, shape, block, num_classes, *, cells: int | None = None, shared: int = 0):
+    ``pixels=1``: the stem is an affine d x d map per position (``align``, started from the principal frame
+    each position shows in the training data), then one d x d map shared by all positions (``mix``);
+    the result is put back together as an image (each block's d values as its pixels, at its cell)
+    and the whole of ``resnet18`` runs on it, its 3x3 stem included. With the key folded into the
+    per-position maps (A_j = M_j^-1) and ``mix`` the identity, this is exactly ``resnet18`` on the
+    plain images, so it keeps convolution's sharing of weights within and across blocks."""
+
+    def __init__(self, shape, block, num_classes, *, cells: int | None = None, shared: int = 0, pixels: int = 0):
         super().__init__()
         from torchvision.models import resnet18 as tv_resnet18
 
         self.shape, self.block = tuple(shape), tuple(block)
         self.grid, t, d = block_geometry(shape, block)
-        self.cells = (cells, cells) if cells else default_cells(block)
-        width = 64
-        out = self.cells[0] * self.cells[1] * width
-        self.shared = bool(shared)
-        if self.shared:  # E_j = A_j W: a d x d map per position, one stem W for all
+        self.pixels = bool(pixels)
+        self.shared = bool(shared) and not self.pixels
+        if self.pixels:  # x_j A_j P, rebuilt as an image, then resnet18's own stem
             self.align = nn.Parameter(torch.eye(d).repeat(t, 1, 1))
-            self.stem_w = nn.Parameter(torch.randn(d, out) * math.sqrt(2.0 / d))
+            self.embed_b = nn.Parameter(torch.zeros(t, d))
+            self.mix = nn.Parameter(torch.eye(d))
+            self.conv1 = nn.Conv2d(shape[2], 64, kernel_size=3, stride=2, padding=1, bias=False)
         else:
-            self.embed_w = nn.Parameter(torch.randn(t, d, out) * math.sqrt(2.0 / d))
-        self.embed_b = nn.Parameter(torch.zeros(t, out))
+            self.cells = (cells, cells) if cells else default_cells(block)
+            out = self.cells[0] * self.cells[1] * 64
+            if self.shared:  # E_j = A_j W: a d x d map per position, one stem W for all
+                self.align = nn.Parameter(torch.eye(d).repeat(t, 1, 1))
+                self.stem_w = nn.Parameter(torch.randn(d, out) * math.sqrt(2.0 / d))
+            else:
+                self.embed_w = nn.Parameter(torch.randn(t, d, out) * math.sqrt(2.0 / d))
+            self.embed_b = nn.Parameter(torch.zeros(t, out))
         self.register_buffer("arrangement", torch.arange(t))
-        self.stem_norm = nn.BatchNorm2d(width)
+        self.stem_norm = nn.BatchNorm2d(64)
         net = tv_resnet18(num_classes=num_classes)
         self.trunk = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc)
@@ -271,13 +295,20 @@ class BlockResNet(nn.Module):
     def stem(self, x):
         """(N, C, H, W) -> (N, 64, GH x cells, GW x cells), stored position j at cell arrangement[j]."""
         n = x.shape[0]
+        if self.pixels:
+            tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.align) + self.embed_b[:, None]
+            tokens = torch.matmul(tokens, self.mix)
+            image = from_blocks(tokens[torch.argsort(self.arrangement)], self.block, self.grid, self.shape[2])
+            return self.conv1(image)
         tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.embeddings()) + self.embed_b[:, None]
         tokens = tokens[torch.argsort(self.arrangement)]  # grid cell order
         (gh, gw), (sh, sw) = self.grid, self.cells
         return tokens.view(gh, gw, n, sh, sw, -1).permute(2, 5, 0, 3, 1, 4).reshape(n, -1, gh * sh, gw * sw)
 
     def embeddings(self) -> torch.Tensor:
-        """(t, d, out): each stored position's stem matrix."""
+        """(t, d, out): each stored position's stem matrix (with pixels=1, its map to the rebuilt block)."""
+        if self.pixels:  # (t, d, d): A_j P
+            return torch.matmul(self.align, self.mix)
         return torch.matmul(self.align, self.stem_w) if self.shared else self.embed_w
 
     def forward(self, x):

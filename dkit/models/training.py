@@ -101,7 +101,7 @@ def estimate_arrangement(x: torch.Tensor, block, grid, seed: int) -> tuple[torch
 
 
 def estimate_alignment(x: torch.Tensor, block, grid, arrangement: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
-    """The initial per-position maps of blockresnet's shared stem (``dkit.placement.align_positions``),
+    """The initial per-position maps of blockresnet's shared or pixels stem (``dkit.placement.align_positions``),
     from up to 5,000 training images alone."""
     from ..placement import align_positions
     from .nets import to_blocks
@@ -330,7 +330,7 @@ def _train(data, model_dir, options: TrainOptions, device: torch.device, *, resu
         cells, placement = estimate_arrangement(plain_copies, meta.params.block, model[1].grid, options.seed)
         if cells is not None:
             model[1].arrangement.copy_(cells)
-    if arch == "blockresnet" and model[1].shared and meta.params.has("rmt"):
+    if arch == "blockresnet" and (model[1].shared or model[1].pixels) and meta.params.has("rmt"):
         plain_copies = x_tr if picker is None else x_tr[picker.firsts()]
         align, info = estimate_alignment(
             plain_copies, meta.params.block, model[1].grid, model[1].arrangement, options.seed
