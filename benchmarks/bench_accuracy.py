@@ -23,10 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dkit.data import Options, disguise_source, open_source
-from dkit.keystore import Keystore, MemoryBackend
+from dkit.derive import KeyMaterial
+from dkit.keystore import Keystore, LoadedKey, MemoryBackend
 from dkit.models import TrainOptions, predict, train
 from dkit.params import KeyParams
 from dkit.placement import placement_accuracy
@@ -92,6 +94,16 @@ CIFAR = [
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
+    # the noise ceiling: plain images plus noise 25 (R = I), the best any model can do on RMT noise 25
+    (
+        "control: plain + noise 25 (rmt with R = I) / resnet18",
+        dict(pipeline="rmt", noise=25),
+        "resnet18",
+        {},
+        15,
+        {},
+        {"control": "noise only"},
+    ),
     # 8x8 blocks: the thumbnail attack's grid shrinks to 4x4 (the candidate default for 32x32)
     ("rmt 8x8 joint noise 25 / blockresnet", dict(pipeline="rmt", noise=25, block=8), "blockresnet", {}, 15, {}),
     (
@@ -107,6 +119,31 @@ CIFAR = [
         dict(pipeline="perm,rmt", noise=25, block=8),
         "blockresnet",
         {"shared": 1},
+        15,
+        {},
+    ),
+    # blockresnet pixels=1: per-position maps, one shared map, the image rebuilt for ResNet-18's own stem
+    (
+        "perm+rmt 8x8 joint noise 25 / blockresnet pixels=1",
+        dict(pipeline="perm,rmt", noise=25, block=8),
+        "blockresnet",
+        {"pixels": 1},
+        15,
+        {},
+    ),
+    (
+        "rmt 4x4 joint noise 25 / blockresnet pixels=1",
+        dict(pipeline="rmt", noise=25),
+        "blockresnet",
+        {"pixels": 1},
+        15,
+        {},
+    ),
+    (
+        "perm+rmt 2x2 shared noise 25 (papers) / blockresnet pixels=1",
+        dict(pipeline="perm,rmt", noise=25, channels="shared", block=2),
+        "blockresnet",
+        {"pixels": 1},
         15,
         {},
     ),
@@ -127,6 +164,18 @@ SETS = {
     "mnist": ("mnist-10k", "28x28", 7, MNIST),
     "cifar": ("cifar10-train-20k", "32x32x3", 4, CIFAR),
 }
+
+
+def noise_only(key: LoadedKey) -> LoadedKey:
+    """A control, not a disguise: ``key`` with every RMT matrix replaced by the identity, so that
+    its "disguised" images are the plain images plus the key's noise. A model trained on them gives
+    the accuracy any model can reach at that noise: an orthogonal R_j keeps the noise's spread, so
+    R_j^T y = x + R_j^T n carries exactly the plain image plus noise of the same size."""
+    m = key.material
+    eye = np.broadcast_to(np.eye(m.matrices.shape[1]), m.matrices.shape).copy()
+    eye.setflags(write=False)
+    fake = KeyMaterial(params=m.params, key_id=m.key_id, perm=m.perm, matrices=eye, aes=m.aes, source_key=m.source_key)
+    return LoadedKey(name=key.name, record=key.record, material=fake)
 
 
 def split_folder(src: Path, dest: Path, train_share: float = 0.8) -> tuple[Path, Path]:
@@ -160,7 +209,8 @@ def run_set(
     ks = Keystore(work / "home", backend=MemoryBackend())
     for label, kw, arch, arch_params, case_epochs, dopts, *topts in cases:
         kw = dict(kw)
-        topts = topts[0] if topts else {}
+        topts = dict(topts[0]) if topts else {}
+        control = topts.pop("control", None)
         n_epochs = epochs or case_epochs
         row_key = f"{name}: {label}, {n_epochs} epochs"
         if only and not any(o in row_key for o in only):
@@ -171,6 +221,8 @@ def run_set(
         params = KeyParams.create(shape, kw.pop("block", block), kw.pop("pipeline"), **kw)
         ks.keygen(key_name, params)
         key = ks.load(key_name)
+        if control == "noise only":
+            key = noise_only(key)
         t0 = time.perf_counter()
         h5 = work / f"{key_name}.h5"
         disguise_source(open_source(train_dir), h5, key, Options(**dopts), force=True)
@@ -198,6 +250,7 @@ def run_set(
             "arch": arch,
             "epochs": n_epochs,
             "train": topts,
+            "control": control,
             "parameters": metrics["parameters"],
             "train_rows": metrics["train_rows"],
             "val_acc": metrics["final"]["val_acc"],
