@@ -94,7 +94,7 @@ CIFAR = [
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
-    # the noise ceiling: plain images plus noise 25 (R = I), the best any model can do on RMT noise 25
+    # the cost of the noise alone: plain images plus noise 25 (R = I)
     (
         "control: plain + noise 25 (rmt with R = I) / resnet18",
         dict(pipeline="rmt", noise=25),
@@ -168,9 +168,9 @@ SETS = {
 
 def noise_only(key: LoadedKey) -> LoadedKey:
     """A control, not a disguise: ``key`` with every RMT matrix replaced by the identity, so that
-    its "disguised" images are the plain images plus the key's noise. A model trained on them gives
-    the accuracy any model can reach at that noise: an orthogonal R_j keeps the noise's spread, so
-    R_j^T y = x + R_j^T n carries exactly the plain image plus noise of the same size."""
+    its "disguised" images are the plain images plus the key's noise (uniform on [0, N)). A model
+    trained on them shows what the noise alone costs: with the key folded in, a model that absorbs
+    an orthogonal R_j sees x + Delta R_j^T, noise of the same covariance (not of the same shape)."""
     m = key.material
     eye = np.broadcast_to(np.eye(m.matrices.shape[1]), m.matrices.shape).copy()
     eye.setflags(write=False)
