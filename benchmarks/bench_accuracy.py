@@ -60,6 +60,14 @@ MNIST = [
         10,
         {},
     ),
+    (
+        "rmt 7x7 noise 100 (paper: per-channel) / blockresnet pixels=1",
+        dict(pipeline="rmt", noise=100, channels="shared"),
+        "blockresnet",
+        {"pixels": 1},
+        10,
+        {},
+    ),
 ]
 CIFAR = [
     ("identity / blockvit", dict(pipeline="identity"), "blockvit", {}, 15, {}),
