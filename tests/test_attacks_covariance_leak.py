@@ -174,19 +174,27 @@ def test_model_leak_recovers_the_relative_rotations(pipeline, channels):
         assert f["placement_accuracy"] == 1.0
 
 
-def test_model_leak_reads_a_blockresnet_and_its_arrangement():
-    """A BlockResNet whose stems are a perfect leak (E_j = diag(std) R_a^T W, one W) and whose stored
-    arrangement is the key's permutation, as dkit train estimates it: the attack takes the placement
-    from the model and recovers the images."""
+@pytest.mark.parametrize("pixels", [0, 1])
+def test_model_leak_reads_a_blockresnet_and_its_arrangement(pixels):
+    """A BlockResNet whose stems are a perfect leak (E_j = diag(std) R_a^T W, one W; with pixels=1
+    A_j = diag(std) R_a^T and the shared map W) and whose stored arrangement is the key's
+    permutation, as dkit train estimates it: the attack takes the placement from the model and
+    recovers the images."""
     key = test_key("leak-resnet", shape="16x16", block=4, pipeline="perm,rmt", noise=0)
     p, std = key.material.params, 40.0
-    model = build("blockresnet", p.shape, p.block, 10, [100.0], [std])
+    model = build("blockresnet", p.shape, p.block, 10, [100.0], [std], pixels=pixels)
     net = model[1]
-    w = np.random.default_rng(0).standard_normal((p.block_size, net.embed_w.shape[2]))
+    out = p.block_size if pixels else net.embed_w.shape[2]
+    w = np.random.default_rng(0).standard_normal((p.block_size, out))
     mats = Disguise.from_key(key).rmt.matrices
     with torch.no_grad():
         for j, a in enumerate(key.material.perm):
-            net.embed_w[j] = torch.tensor(std * mats[a].T @ w, dtype=torch.float32)
+            if pixels:
+                net.align[j] = torch.tensor(std * mats[a].T, dtype=torch.float32)
+            else:
+                net.embed_w[j] = torch.tensor(std * mats[a].T @ w, dtype=torch.float32)
+        if pixels:
+            net.mix.copy_(torch.tensor(w, dtype=torch.float32))
         net.arrangement.copy_(torch.from_numpy(np.array(key.material.perm)))
     public, private, targets = synthetic(2000, 1), synthetic(2000, 2), synthetic(48, 3)
     dis, tdis = disguise(key, private, targets)
