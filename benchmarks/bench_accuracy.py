@@ -36,6 +36,7 @@ from dkit.placement import placement_accuracy
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 
+# "/ blockresnet" rows are the free stem (pixels=0), the default until 2026-12-03; "pixels=1" rows the new one.
 # (name, key parameters, architecture, architecture settings, epochs, disguise options[, training options])
 MNIST = [
     ("identity / cnn", dict(pipeline="identity"), "cnn", {}, 10, {}),
@@ -56,7 +57,7 @@ MNIST = [
         "rmt 7x7 noise 100 (paper: per-channel) / blockresnet",
         dict(pipeline="rmt", noise=100, channels="shared"),
         "blockresnet",
-        {},
+        {"pixels": 0},
         10,
         {},
     ),
@@ -76,13 +77,20 @@ CIFAR = [
     ("perm+rmt 4x4 joint noise 25 / resnet18", dict(pipeline="perm,rmt", noise=25), "resnet18", {}, 15, {}),
     ("rmt 4x4 joint noise 25 / blockconv", dict(pipeline="rmt", noise=25), "blockconv", {}, 15, {}),
     # issue 11's table: rows 2-5 against "identity / resnet18" (row 1)
-    ("rmt 4x4 joint noise 25 / blockresnet", dict(pipeline="rmt", noise=25), "blockresnet", {}, 15, {}),
-    ("perm+rmt 4x4 joint noise 25 / blockresnet", dict(pipeline="perm,rmt", noise=25), "blockresnet", {}, 15, {}),
+    ("rmt 4x4 joint noise 25 / blockresnet", dict(pipeline="rmt", noise=25), "blockresnet", {"pixels": 0}, 15, {}),
+    (
+        "perm+rmt 4x4 joint noise 25 / blockresnet",
+        dict(pipeline="perm,rmt", noise=25),
+        "blockresnet",
+        {"pixels": 0},
+        15,
+        {},
+    ),
     (
         "perm+rmt 2x2 shared noise 25 (papers) / blockresnet",
         dict(pipeline="perm,rmt", noise=25, channels="shared", block=2),
         "blockresnet",
-        {},
+        {"pixels": 0},
         15,
         {},
     ),
@@ -90,7 +98,7 @@ CIFAR = [
         "rmt 4x4 joint noise 25, augment flip,crop x4 / blockresnet",
         dict(pipeline="rmt", noise=25),
         "blockresnet",
-        {},
+        {"pixels": 0},
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
@@ -98,7 +106,7 @@ CIFAR = [
         "perm+rmt 4x4 joint noise 25, augment flip,crop x4 / blockresnet",
         dict(pipeline="perm,rmt", noise=25),
         "blockresnet",
-        {},
+        {"pixels": 0},
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
@@ -113,12 +121,19 @@ CIFAR = [
         {"control": "noise only"},
     ),
     # 8x8 blocks: the thumbnail attack's grid shrinks to 4x4 (the candidate default for 32x32)
-    ("rmt 8x8 joint noise 25 / blockresnet", dict(pipeline="rmt", noise=25, block=8), "blockresnet", {}, 15, {}),
+    (
+        "rmt 8x8 joint noise 25 / blockresnet",
+        dict(pipeline="rmt", noise=25, block=8),
+        "blockresnet",
+        {"pixels": 0},
+        15,
+        {},
+    ),
     (
         "perm+rmt 8x8 joint noise 25 / blockresnet",
         dict(pipeline="perm,rmt", noise=25, block=8),
         "blockresnet",
-        {},
+        {"pixels": 0},
         15,
         {},
     ),

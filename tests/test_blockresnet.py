@@ -197,13 +197,18 @@ def test_train_without_arch_picks_blockresnet_and_predict_uses_it(cli, tmp_path)
     assert cli("disguise", str(folder), str(tmp_path / "d.h5"), "--key", "k").exit_code == 0
     r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "m"), "--epochs", "1", "--batch-size", "8")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "m" / "model.json").read_text())["arch"] == "blockresnet"
+    doc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert doc["arch"] == "blockresnet" and doc["arch_params"] == {"pixels": 1}  # the default stem
     r = cli("predict", str(tmp_path / "m"), str(folder), "--key", "k", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["labelled"] == 16 and 0.0 <= doc["accuracy"] <= 1.0
     r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "n"), "--arch", "blockresnet", "--epochs", "1")
     assert r.exit_code == 0, r.output  # and it can be named
+    args = ("--arch", "blockresnet", "--epochs", "1", "--arch-param", "shared=1")
+    r = cli("train", str(tmp_path / "d.h5"), "-o", str(tmp_path / "s"), *args)
+    assert r.exit_code == 0, r.output  # naming another stem's setting leaves the default pixels=1 out
+    assert json.loads((tmp_path / "s" / "model.json").read_text())["arch_params"] == {"shared": 1}
 
 
 def test_a_pixels_stem_starts_from_the_estimated_frames_and_predicts(cli, tmp_path):

@@ -35,7 +35,7 @@ DEFAULT_ARCH_PARAMS = {
     "resnet18": {},
     "blockvit": {"dim": 128, "depth": 6, "heads": 4},
     "blockconv": {"width": 128, "depth": 4},
-    "blockresnet": {},
+    "blockresnet": {"pixels": 1},  # since 2026-12-03 (docs/benchmarks.md); a model.json without it is pixels=0
 }
 PLACEMENT_ROWS = 20_000  # training rows the arrangement of a permuting key is estimated from,
 PLACEMENT_VALUES = 1 << 27  # and at most this many values of them (512 MiB as float32)
@@ -60,6 +60,14 @@ class TrainOptions:
                 raise InputError(f"unknown --arch {self.arch!r}: choose auto, " + ", ".join(ARCHS))
             return self.arch
         return auto_arch(meta.params)
+
+
+def default_params(arch: str, given: dict) -> dict:
+    """The defaults ``given`` settings are added to. Naming a setting of blockresnet's other stems
+    (``shared``, ``cells``) asks for that stem, so the default ``pixels=1`` then stays out."""
+    if arch == "blockresnet" and given.keys() & {"shared", "cells"}:
+        return {k: v for k, v in DEFAULT_ARCH_PARAMS[arch].items() if k != "pixels"}
+    return DEFAULT_ARCH_PARAMS[arch]
 
 
 def auto_arch(params) -> str:
@@ -292,7 +300,7 @@ def _train(data, model_dir, options: TrainOptions, device: torch.device, *, resu
         if main:
             shutil.rmtree(ckpt_dir)
     arch = options.resolved_arch(meta)
-    arch_params = {**DEFAULT_ARCH_PARAMS[arch], **options.arch_params}
+    arch_params = {**default_params(arch, options.arch_params), **options.arch_params}
     problem = check_params(arch, arch_params, meta.params.shape, meta.params.block)
     if problem:  # the bounds a model folder is read with: never train a model that cannot be loaded
         raise ParameterError(f"--arch-param {problem[0]} {problem[1]}")
