@@ -293,7 +293,8 @@ class BlockResNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc)
 
     def stem(self, x):
-        """(N, C, H, W) -> (N, 64, GH x cells, GW x cells), stored position j at cell arrangement[j]."""
+        """(N, C, H, W) -> (N, 64, GH x cells, GW x cells), stored position j at cell arrangement[j]
+        (with pixels=1: the rebuilt image through the 3x3 stride-2 conv, (N, 64, H/2, W/2))."""
         n = x.shape[0]
         if self.pixels:
             tokens = torch.bmm(to_blocks(x, self.block, self.grid), self.align) + self.embed_b[:, None]
