@@ -278,3 +278,36 @@ def test_alignment_brings_every_position_into_one_frame(cifar_folder, tmp_path):
     # the brightness component keeps its sign everywhere: it is set by the mean block
     c0 = np.array([np.corrcoef(u[:, j, 0], w[:, j, 0])[0, 1] for j in range(64)])
     assert (c0 > 0.99).all()
+
+
+def test_the_per_position_maps_learn_at_a_hundredth_of_the_rate(tmp_path, monkeypatch):
+    """blockresnet's align maps get their own optimiser group (lr x ALIGN_LR_SCALE, no weight decay);
+    other models keep one group. A checkpoint whose optimiser has another grouping is refused with
+    a message, not a traceback."""
+    from dkit.models import training
+    from dkit.models.nets import build
+
+    model = build("blockresnet", (16, 16, 3), (4, 4), 3, [0.0] * 3, [1.0] * 3, pixels=1)
+    groups = training.param_groups(model, 2e-3)
+    assert len(groups) == 2 and groups[1]["params"] == [model[1].align]
+    assert groups[1]["lr"] == pytest.approx(2e-3 * training.ALIGN_LR_SCALE) and groups[1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    plain = build("resnet18", (16, 16, 3), (4, 4), 3, [0.0] * 3, [1.0] * 3)
+    assert len(training.param_groups(plain, 2e-3)) == 1
+
+    folder = make_folder(tmp_path / "src", classes=("a", "b"), per_class=6, shape=(8, 8, 3))
+    key = test_key("groups", shape="8x8x3", block="4", pipeline="rmt")
+    disguise_source(open_source(folder), tmp_path / "d.h5", key, Options(workers=0))
+    opts = TrainOptions(arch="blockresnet", epochs=2, batch_size=4)
+
+    def stop(p):
+        if "epoch_done" in p:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # a checkpoint from a trainer with one group for everything
+        m.setattr(training, "param_groups", lambda model, lr: [{"params": list(model.parameters())}])
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "d.h5", tmp_path / "m", opts, progress=stop)
+    with pytest.raises(ArtifactError, match="optimizer state does not fit this trainer"):
+        train(tmp_path / "d.h5", tmp_path / "m", opts, resume=True)
+    assert train(tmp_path / "d.h5", tmp_path / "m2", opts)["final"]["val_acc"] is not None
