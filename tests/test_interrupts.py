@@ -143,3 +143,32 @@ def test_an_interrupted_training_run_exits_cleanly_and_resumes(tmp_path, sig, co
 
     metrics = json.loads((model / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 31))
+
+
+def test_a_sigterm_swallowed_in_a_finaliser_prints_no_traceback(monkeypatch, capsys):
+    """SIGTERM can land in a weakref callback, where Python swallows the exception and prints
+    "Exception ignored ... Traceback" (CI saw it once). dkit remembers the request and raises it again
+    at the next check, so that swallowed one is dropped quietly; any other swallowed error still prints."""
+    import gc
+    import weakref
+
+    from dkit.cli import common
+
+    class Thing:
+        pass
+
+    def swallowed(exc: BaseException) -> None:
+        def callback(_ref):
+            raise exc
+
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+        gc.collect()
+        assert ref() is None
+
+    monkeypatch.setattr(sys, "unraisablehook", common.quiet_unraisable)
+    swallowed(common.Terminated())
+    assert "Traceback" not in capsys.readouterr().err
+    swallowed(ValueError("some other failure"))
+    assert "some other failure" in capsys.readouterr().err

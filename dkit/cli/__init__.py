@@ -67,8 +67,10 @@ def demo(
 
 def main() -> None:
     import signal
+    import sys
 
-    from .common import on_sigterm
+    from .common import on_sigterm, quiet_unraisable
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    sys.unraisablehook = quiet_unraisable
     app()

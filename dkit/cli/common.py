@@ -77,6 +77,15 @@ def check_terminated() -> None:
         raise Terminated()
 
 
+def quiet_unraisable(args) -> None:
+    """``sys.unraisablehook`` that drops a swallowed ``Terminated``: it is remembered (``_terminated``)
+    and raised again at the next ``check_terminated``, so Python's "Exception ignored ... Traceback"
+    would only frighten the user. Everything else goes to the default hook."""
+    if isinstance(args.exc_value, Terminated):
+        return
+    sys.__unraisablehook__(args)
+
+
 def fail(e: DkitError) -> None:
     err.print(f"[bold red]error:[/] {escape(e.message)}")
     if e.hint:
