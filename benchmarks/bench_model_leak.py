@@ -104,10 +104,11 @@ def main() -> None:
         metrics = train(
             h5, out, TrainOptions(arch="blockresnet", epochs=args.epochs, arch_params={name: int(value)}), force=True
         )
+        train_seconds = round(time.perf_counter() - t0)
         model, _ = artifact.load(out)
         for n in known:
             row = figures(model_leak(model, params, public, targets_d, targets, disguised=cloud[:n]))
-            row.update(val_acc=round(metrics["final"]["val_acc"], 4), train_seconds=round(time.perf_counter() - t0))
+            row.update(val_acc=round(metrics["final"]["val_acc"], 4), train_seconds=train_seconds)
             doc["rows"][f"model-leak, blockresnet {v}, {n} disguised"] = row
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
