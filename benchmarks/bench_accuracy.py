@@ -110,6 +110,22 @@ CIFAR = [
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
+    (
+        "rmt 4x4 joint noise 25, augment flip,crop x4 / blockresnet pixels=1",
+        dict(pipeline="rmt", noise=25),
+        "blockresnet",
+        {"pixels": 1},
+        15,
+        {"augment": "flip,crop", "encodings": 4},
+    ),
+    (
+        "perm+rmt 8x8 joint noise 25, augment flip,crop x4 / blockresnet pixels=1",
+        dict(pipeline="perm,rmt", noise=25, block=8),
+        "blockresnet",
+        {"pixels": 1},
+        15,
+        {"augment": "flip,crop", "encodings": 4},
+    ),
     # the cost of the noise alone: plain images plus noise 25 (R = I)
     (
         "control: plain + noise 25 (rmt with R = I) / resnet18",
