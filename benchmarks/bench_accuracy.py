@@ -332,7 +332,8 @@ def main():
     ap.add_argument(
         "--only",
         default=None,
-        help="Substrings of the cases to run, comma-separated (or |-separated when they hold commas).",
+        help="Substrings of the cases to run, comma-separated (or |-separated when they hold commas); "
+        "a string found whole in a case's name is taken whole.",
     )
     ap.add_argument("--epochs", type=int, default=None, help="Epochs for every case (default: each case's).")
     ap.add_argument(
@@ -349,7 +350,10 @@ def main():
         "python": sys.version.split()[0],
         "cuda": torch.cuda.is_available(),
     }
-    only = set(args.only.split("|" if "|" in args.only else ",")) if args.only else None
+    only = None
+    if args.only:  # one case's whole name (commas and all) is one pattern, not a list split at its commas
+        whole = any(args.only in name for _, _, _, cases in SETS.values() for name, *_ in cases)
+        only = {args.only} if whole else set(args.only.split("|" if "|" in args.only else ","))
     for name in args.datasets.split(","):
         samples = tuple(int(v) for v in args.noise_samples.split(",") if v)
         run_set(name, work, results, out, only, args.epochs, samples)
