@@ -126,6 +126,14 @@ CIFAR = [
         15,
         {"augment": "flip,crop", "encodings": 4},
     ),
+    (
+        "rmt 8x8 joint noise 25, augment flip,crop x4 / blockresnet pixels=1",
+        dict(pipeline="rmt", noise=25, block=8),
+        "blockresnet",
+        {"pixels": 1},
+        15,
+        {"augment": "flip,crop", "encodings": 4},
+    ),
     # row 1 with the same owner-made copies: the plaintext model to hold row 5 against
     (
         "identity, augment flip,crop x4 / resnet18",
