@@ -125,6 +125,9 @@ def test_cli_copies_and_encodings_are_one_or_the_other(cli, tmp_path):
     assert r.exit_code != 0 and "not both" in r.output
     r = cli("disguise", str(folder), str(tmp_path / "y.h5"), "--key", "k", "--copies", "3", "--augment", "flip,crop")
     assert r.exit_code == 0, r.output
+    assert "warning" in r.output and "SECURITY.md" in r.output  # the copies' shift relation leaks RMT keys
+    r = cli("disguise", str(folder), str(tmp_path / "z.h5"), "--key", "k", "--copies", "3")
+    assert r.exit_code == 0 and "warning" not in r.output  # plain copies: only noise averaging, measured
     assert inspect(tmp_path / "y.h5").rows == 9
     r = cli("inspect", str(tmp_path / "y.h5"))
     assert "rows per image" in r.output and "flip,crop" in r.output

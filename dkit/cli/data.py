@@ -25,6 +25,13 @@ class _Rate(ProgressColumn):
         return Text(f"{speed:,.0f} img/s" if speed else "", style="cyan")
 
 
+AUGMENT_WARNING = (
+    "--augment: each shifted or mirrored copy is a known transform of its copy 0, and a cloud that "
+    "relates them learns the RMT matrices; a probe rebuilds images from that on large sets "
+    "(SECURITY.md, Copies). dkit evaluate does not measure it yet."
+)
+
+
 def disguise(
     src: str = typer.Argument(
         ...,
@@ -113,6 +120,8 @@ def disguise(
             source, output, loaded, options, resume=resume, force=force, public=public_source, progress=tick
         )
     doc = dict(report.to_dict(), key_id=loaded.key_id, key_version=loaded.version, source=source.description)
+    if options.augment and loaded.params.has("rmt"):
+        common.err.print(f"[yellow]warning:[/] {AUGMENT_WARNING}")
     if json_out:
         print_json(doc)
         return
@@ -148,6 +157,8 @@ def _disguise_on_ray(src, output, key, options, workers, address, force, resume,
         src, output, loaded, options, seed=ks.seed(loaded), workers=workers or 2, address=address, force=force
     )
     doc.update(key_id=loaded.key_id, key_version=loaded.version, engine="ray")
+    if options.augment and loaded.params.has("rmt"):
+        common.err.print(f"[yellow]warning:[/] {AUGMENT_WARNING}")
     if json_out:
         print_json(doc)
         return
