@@ -83,23 +83,49 @@ def solve_key(maps: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     d = B * B
-    pairs = [(a, s) for a, s in maps] + [(a.T, s.T) for a, s in maps]
+    pairs = list(maps) + [(a.T, s.T) for a, s in maps]
+    # a bound above the normal operator's largest eigenvalue: its least becomes the largest of top - op
+    top = 1.01 * sum((np.linalg.norm(a, 2) + np.linalg.norm(s, 2)) ** 2 for a, s in pairs)
 
-    def normal(v):
+    def flipped(v):
         m = v.reshape(d, d)
-        out = np.zeros_like(m)
+        out = top * m
         for a, s in pairs:
             r = m @ a - s @ m
-            out += r @ a.T - s.T @ r
+            out -= r @ a.T - s.T @ r
         return out.ravel()
 
-    op = LinearOperator((d * d, d * d), matvec=normal, dtype=np.float64)
-    # above the largest eigenvalue, so that the least of op becomes the largest of this
-    shift_up = 1.01 * sum((np.linalg.norm(a, 2) + np.linalg.norm(s, 2)) ** 2 for a, s in pairs)
-    flipped = LinearOperator((d * d, d * d), matvec=lambda v: shift_up * v - op.matvec(v), dtype=np.float64)
-    _, vec = eigsh(flipped, k=1, which="LA", tol=1e-8, maxiter=20000)
+    _, vec = eigsh(
+        LinearOperator((d * d, d * d), matvec=flipped, dtype=np.float64),
+        k=1,
+        which="LA",
+        tol=1e-8,
+        maxiter=20000,
+        v0=np.random.default_rng(0).standard_normal(d * d),
+    )
     u, _, vt = np.linalg.svd(vec[:, 0].reshape(d, d))
     return u @ vt
+
+
+def shifted_copies(key: Disguise, plain: np.ndarray, rng: RandomSource):
+    """Blocks (n, t, d) of copy 0 and of its one-pixel right and down shifts, each with fresh noise."""
+    n = len(plain)
+
+    def disguised(x, start):
+        return to_blocks(np.asarray(key.apply(x, rng=rng, start=start), dtype=np.float64), key.params)
+
+    return (
+        disguised(plain, 0),
+        disguised(np.stack([shift(x, 0, 1) for x in plain]), n),
+        disguised(np.stack([shift(x, 1, 0) for x in plain]), 2 * n),
+    )
+
+
+def recover_matrix(y0, yh, yv, j: int, grid_w: int, var: float) -> np.ndarray:
+    """Position j's matrix, up to sign, from the copies' regressions on copy 0."""
+    a_h = estimate_map(y0, yh, j, j - 1 if j % grid_w else None, var)
+    a_v = estimate_map(y0, yv, j, j - grid_w if j >= grid_w else None, var)
+    return solve_key([(a_h, shift_matrix(0, 1)), (a_v, shift_matrix(1, 0))])
 
 
 def main() -> None:
@@ -117,19 +143,9 @@ def main() -> None:
     plain = grey_images(folder, max(sizes) + args.images, seed=0)
     params = KeyParams.create("32x32", B, "rmt", noise=NOISE)
     key = Disguise(derive(Seed(hashlib.sha256(b"dkit probe: copies shift").digest()), params))
-    rng = RandomSource.fixed(1)
-    n = len(plain)
-
-    def disguised(x, start):
-        return to_blocks(np.asarray(key.apply(x, rng=rng, start=start), dtype=np.float64), params)
-
-    y0 = disguised(plain, 0)
-    yh = disguised(np.stack([shift(x, 0, 1) for x in plain]), n)  # every copy 0 also has both draws
-    yv = disguised(np.stack([shift(x, 1, 0) for x in plain]), 2 * n)
+    y0, yh, yv = shifted_copies(key, plain, RandomSource.fixed(1))  # every copy 0 has both draws
     var = NOISE**2 / 12  # uniform noise on [0, N)
-    gw = params.grid[1]
-    held = slice(max(sizes), n)
-    s_h, s_v = shift_matrix(0, 1), shift_matrix(1, 0)
+    held = slice(max(sizes), len(plain))
     baseline = {k: round(v, 3) for k, v in mean_image_baseline(plain[: max(sizes)], plain[held]).items()}
     rows = []
     for m_pairs in sizes:
@@ -137,11 +153,7 @@ def main() -> None:
         fit = slice(0, m_pairs)
         errs, recon = [], np.empty_like(y0[held])
         for j in range(params.positions):
-            left = j - 1 if j % gw else None
-            up = j - gw if j >= gw else None
-            a_h = estimate_map(y0[fit], yh[fit], j, left, var)
-            a_v = estimate_map(y0[fit], yv[fit], j, up, var)
-            m = solve_key([(a_h, s_h), (a_v, s_v)])
+            m = recover_matrix(y0[fit], yh[fit], yv[fit], j, params.grid[1], var)
             blocks = (y0[held, j] - NOISE / 2) @ m.T
             if blocks.mean() < 0:  # the sign: pixels are not negative
                 m, blocks = -m, -blocks

@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dkit.data.augment import shift
 from dkit.derive import derive
 from dkit.engine import Disguise, RandomSource
-from dkit.engine.geometry import to_blocks
 from dkit.params import KeyParams
 from dkit.secret import Seed
 
@@ -28,25 +26,11 @@ def probe():
     return mod
 
 
-def copies(noise: float, n: int):
+def copies(probe, noise: float, n: int):
     params = KeyParams.create("32x32", 8, "rmt", noise=noise)
     key = Disguise(derive(Seed(hashlib.sha256(f"probe test {noise}".encode()).digest()), params))
     plain = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 1)).astype(np.float64)
-    rng = RandomSource.fixed(2)
-
-    def disguised(x, start):
-        return to_blocks(np.asarray(key.apply(x, rng=rng, start=start), dtype=np.float64), params)
-
-    y0 = disguised(plain, 0)
-    yh = disguised(np.stack([shift(x, 0, 1) for x in plain]), n)
-    yv = disguised(np.stack([shift(x, 1, 0) for x in plain]), 2 * n)
-    return key.material.matrices, y0, yh, yv, noise**2 / 12
-
-
-def recover(probe, y0, yh, yv, var, j, gw=4):
-    a_h = probe.estimate_map(y0, yh, j, j - 1 if j % gw else None, var)
-    a_v = probe.estimate_map(y0, yv, j, j - gw if j >= gw else None, var)
-    return probe.solve_key([(a_h, probe.shift_matrix(0, 1)), (a_v, probe.shift_matrix(1, 0))])
+    return key.material.matrices, probe.shifted_copies(key, plain, RandomSource.fixed(2)), noise**2 / 12
 
 
 def test_exact_maps_give_the_matrix_up_to_sign(probe):
@@ -58,8 +42,8 @@ def test_exact_maps_give_the_matrix_up_to_sign(probe):
 
 @pytest.mark.parametrize("j", [0, 5])  # a corner (no neighbour feeds it) and an inner position
 def test_noise_free_copies_give_the_key(probe, j):
-    mats, y0, yh, yv, var = copies(0.0, 400)
-    got = recover(probe, y0, yh, yv, var, j)
+    mats, ys, var = copies(probe, 0.0, 400)
+    got = probe.recover_matrix(*ys, j, 4, var)
     assert min(np.linalg.norm(got - mats[j]), np.linalg.norm(got + mats[j])) < 1e-5
 
 
@@ -67,6 +51,6 @@ def test_default_noise_costs_precision_not_the_key(probe):
     """With the default noise 25 the noise-corrected regression still finds the key, given images
     with energy in every direction (uniform noise images here; natural images have little in most,
     which is why the probe needs thousands of pairs on CIFAR)."""
-    mats, y0, yh, yv, var = copies(25.0, 1500)
-    got = recover(probe, y0, yh, yv, var, 5)
+    mats, ys, var = copies(probe, 25.0, 1500)
+    got = probe.recover_matrix(*ys, 5, 4, var)
     assert min(np.linalg.norm(got - mats[5]), np.linalg.norm(got + mats[5])) / 8 < 0.1

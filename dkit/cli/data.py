@@ -32,6 +32,11 @@ AUGMENT_WARNING = (
 )
 
 
+def _warn_augment(options: Options, loaded) -> None:
+    if options.augment and loaded.params.has("rmt"):
+        common.err.print(f"[yellow]warning:[/] {AUGMENT_WARNING}")
+
+
 def disguise(
     src: str = typer.Argument(
         ...,
@@ -120,8 +125,7 @@ def disguise(
             source, output, loaded, options, resume=resume, force=force, public=public_source, progress=tick
         )
     doc = dict(report.to_dict(), key_id=loaded.key_id, key_version=loaded.version, source=source.description)
-    if options.augment and loaded.params.has("rmt"):
-        common.err.print(f"[yellow]warning:[/] {AUGMENT_WARNING}")
+    _warn_augment(options, loaded)
     if json_out:
         print_json(doc)
         return
@@ -157,8 +161,7 @@ def _disguise_on_ray(src, output, key, options, workers, address, force, resume,
         src, output, loaded, options, seed=ks.seed(loaded), workers=workers or 2, address=address, force=force
     )
     doc.update(key_id=loaded.key_id, key_version=loaded.version, engine="ray")
-    if options.augment and loaded.params.has("rmt"):
-        common.err.print(f"[yellow]warning:[/] {AUGMENT_WARNING}")
+    _warn_augment(options, loaded)
     if json_out:
         print_json(doc)
         return
